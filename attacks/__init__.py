@@ -1,0 +1,1 @@
+"""Reconstruction attacks on captured traffic, scored against the private data."""

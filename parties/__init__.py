@@ -1,0 +1,1 @@
+"""Party-side code: data preparation, protocols and their roles."""

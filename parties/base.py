@@ -1,0 +1,116 @@
+"""What every protocol is built from: the role context and the Protocol base class.
+
+A protocol turns a :class:`RoleContext` into named roles (``party-0``, ``coordinator``,
+``cloud``, ...), each a generator that yields effects from :mod:`testbed.effects`.
+Protocols never import an engine: the same roles run on the SimPy clock and in
+containers.
+"""
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from testbed.effects import Log
+
+
+def party_name(i):
+    return f"party-{i}"
+
+
+@dataclass
+class RoleContext:
+    """Everything a protocol may use. Built by the runner; nothing here is an engine."""
+
+    scenario: object                    # testbed.scenario.Scenario
+    vocab_size: int
+    parties: list                       # parties.data.dataset.PartyData, index i is party-i
+    device: torch.device
+    build_model: Callable               # () -> fresh model from the shared starting checkpoint
+    trackers: dict = field(default_factory=dict)   # role -> testbed.memory.MemoryTracker
+    record_truth: Callable = lambda party, step, ids: None
+    protocol_name: str = ""
+
+    @property
+    def training(self):
+        return self.scenario.training
+
+    @property
+    def options(self):
+        return self.scenario.protocol.options if self.protocol_name == self.scenario.protocol.name else {}
+
+    def generator(self, role, purpose="data"):
+        """A torch.Generator seeded from (scenario seed, role, purpose): no global RNG state."""
+        g = torch.Generator()
+        g.manual_seed(self.scenario.seed * 1_000_003 + zlib.crc32(f"{role}/{purpose}".encode()))
+        return g
+
+    def tracker(self, role):
+        return self.trackers[role]
+
+
+class Protocol:
+    """Base class. Subclasses set ``name`` and implement :meth:`roles`."""
+
+    name = ""
+    # role names this protocol uses besides the parties (they run on the coordinator's host)
+    server_roles = ()
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def roles(self):
+        """-> dict role name -> generator of effects."""
+        raise NotImplementedError
+
+    def expected_train_logs(self):
+        """How many ``event: train`` records the roles will log (for the progress bar)."""
+        return self.ctx.training.steps
+
+    def role_names(self):
+        return [party_name(i) for i in range(len(self.ctx.parties))] + list(self.server_roles)
+
+
+def make_optimizer(params, training):
+    params = [p for p in params if p.requires_grad]
+    if training.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=training.lr, weight_decay=training.weight_decay)
+    if training.optimizer == "adam":
+        return torch.optim.Adam(params, lr=training.lr, weight_decay=training.weight_decay)
+    return torch.optim.AdamW(params, lr=training.lr, weight_decay=training.weight_decay)
+
+
+def lm_loss(model, input_ids):
+    """Causal LM loss (plus the router's auxiliary loss for MoE models)."""
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+@torch.no_grad()
+def eval_loss(model, batches):
+    """Mean token cross-entropy of ``model`` over held-out batches (no aux loss)."""
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    for ids in batches:
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                 ids[:, 1:].reshape(-1), reduction="sum")
+        total += loss.item()
+        n += ids[:, 1:].numel()
+    model.train(was)
+    return total / max(n, 1)
+
+
+def eval_records(ctx, model, role, step, parties=None):
+    """Log records of ``model``'s held-out loss on each party's eval set."""
+    out = []
+    for i in parties if parties is not None else range(len(ctx.parties)):
+        pd = ctx.parties[i]
+        loss = eval_loss(model, pd.eval_batches(ctx.training.batch_size, ctx.training.eval_batches))
+        out.append(Log({"event": "eval", "role": role, "party": party_name(i), "step": step,
+                        "eval_loss": loss}))
+    return out
+
+
+def is_eval_step(step, training):
+    return (step + 1) % training.eval_every == 0 or step + 1 == training.steps

@@ -1,0 +1,55 @@
+"""Command line: ``python -m testbed <command> ...``
+
+  run SCENARIO        run a scenario in the embedded engine, print the summary
+  validate SCENARIO   check a scenario file, listing every problem
+  memory              project per-party training memory for real model shapes (meta device)
+  throughput          PrivateLoRA serving throughput model for real shapes and networks
+  up SCENARIO         run a scenario under Docker Compose
+  sweep SCENARIO...   run several scenarios and report them together
+
+Known errors print one line (or one block) and exit with the error's code:
+2 bad config, 3 protocol error, 4 memory budget exceeded, 5 transport error.
+"""
+import argparse
+import importlib
+import logging
+import sys
+
+from .errors import TestbedError
+
+# subcommand -> module that defines add_arguments(parser) and main(args)
+COMMANDS = {
+    "run": ("testbed.cmd_run", "run a scenario in the embedded engine"),
+    "validate": ("testbed.cmd_run", "validate a scenario file"),
+    "memory": ("testbed.cmd_memory", "project training memory per party for real model shapes"),
+    "throughput": ("testbed.cmd_throughput", "PrivateLoRA throughput model"),
+    "up": ("testbed.cmd_up", "run a scenario under Docker Compose"),
+    "sweep": ("testbed.cmd_sweep", "run several scenarios and report them together"),
+}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (modname, help_) in COMMANDS.items():
+        if importlib.util.find_spec(modname) is None:
+            continue
+        mod = importlib.import_module(modname)
+        p = sub.add_parser(name, help=help_, description=help_)
+        getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
+        p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except TestbedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        run_dir = getattr(exc, "run_dir", None)
+        if run_dir:
+            print(f"run directory (partial): {run_dir}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,107 @@
+"""The run directory: the contract between engines, attacks and reports.
+
+::
+
+    runs/<scenario>-<timestamp>/
+      scenario.yaml      resolved scenario as run
+      manifest.json      seed, versions, host, mode, scenario hash, start/end, exit status
+      metrics.jsonl      one line per event
+      capture/           index.jsonl + tensors/*.safetensors (see testbed.capture)
+      public/            what every party may know: tokenizer.json, the starting checkpoint
+      truth/             private ground truth, for scoring only: tokens.jsonl (token ids
+                         per protocol, party and step), canaries.json, records.jsonl
+      attacks/, report/
+
+Every file is written incrementally (append + flush) so a crash leaves everything up
+to the last finished step readable; ``manifest.json`` says ``status: running`` until
+the run ends, then ``ok`` or ``failed`` with the error.
+"""
+import datetime as dt
+import json
+import os
+import platform
+import socket
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+
+
+def _now():
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _versions():
+    out = {"python": sys.version.split()[0], "testbed": __version__}
+    for mod in ("torch", "transformers", "simpy", "opacus", "tokenizers", "safetensors", "pydantic"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # an optional package missing is recorded, not fatal
+            out[mod] = None
+    return out
+
+
+class RunDir:
+    """Creates and writes one run directory."""
+
+    def __init__(self, root, scenario, mode="embedded", name=None):
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = Path(root) / (name or f"{scenario.name}-{stamp}")
+        path, i = base, 1
+        while path.exists():
+            path, i = base.with_name(f"{base.name}-{i}"), i + 1
+        self.path = path
+        for sub in ("capture/tensors", "truth", "public", "attacks", "report"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+        (path / "scenario.yaml").write_text(yaml.safe_dump(scenario.resolved(), sort_keys=False))
+        self.manifest = {
+            "scenario": scenario.name, "scenario_hash": scenario.digest(), "seed": scenario.seed,
+            "mode": mode, "status": "running", "start": _now(), "end": None, "error": None,
+            "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
+                     "cpus": os.cpu_count()},
+            "versions": _versions(), "argv": sys.argv,
+        }
+        self._write_manifest()
+        self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
+        self._truth = open(path / "truth" / "tokens.jsonl", "a", buffering=1)
+
+    def _write_manifest(self):
+        tmp = self.path / "manifest.json.tmp"
+        tmp.write_text(json.dumps(self.manifest, indent=2))
+        os.replace(tmp, self.path / "manifest.json")
+
+    def update_manifest(self, **fields):
+        self.manifest.update(fields)
+        self._write_manifest()
+
+    def metric(self, record):
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def write_json(self, rel, obj):
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj, indent=2))
+
+    def truth(self, protocol, party, step, input_ids):
+        """Record the private token ids ``party`` trained on at ``step`` (scoring only)."""
+        self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
+                                      "input_ids": input_ids.tolist()}) + "\n")
+
+    def close(self, status="ok", error=None):
+        self._metrics.close()
+        self._truth.close()
+        self.update_manifest(status=status, error=error, end=_now())
+
+
+def read_metrics(path):
+    """All records of a run directory's metrics.jsonl (a torn last line is skipped)."""
+    out = []
+    with open(Path(path) / "metrics.jsonl") as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out

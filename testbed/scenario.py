@@ -1,0 +1,259 @@
+"""The scenario file: a typed, validated description of one experiment.
+
+``load_scenario(path)`` reads YAML, validates it against :class:`Scenario` and raises
+:class:`~testbed.errors.ConfigError` listing *every* problem, each with its dotted key::
+
+    scenarios/x.yaml: parties.link.up_mbps: must be > 0 (got -5)
+
+Validate from the shell:  python -m testbed validate scenarios/x.yaml
+"""
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .units import parse_size
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelCfg(Strict):
+    family: Literal["mixtral", "llama", "olmoe", "qwen2_moe"] = "mixtral"
+    path: Optional[str] = None  # a local directory for from_pretrained
+    hidden_size: int = Field(64, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(4, gt=0)
+    num_kv_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_experts: int = Field(8, ge=1)
+    top_k: int = Field(2, ge=1)
+    max_position: int = Field(512, gt=0)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    router_aux_loss_coef: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        problems = []
+        if self.hidden_size % self.num_heads:
+            problems.append(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
+        if self.top_k > self.num_experts:
+            problems.append(f"top_k {self.top_k} must be <= num_experts {self.num_experts}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class SplitCfg(Strict):
+    method: Literal["iid", "dirichlet", "quantity", "by_source"] = "iid"
+    alpha: float = Field(0.5, gt=0)  # Dirichlet concentration / quantity-skew power
+    label: str = "kind"
+
+
+class CanaryCfg(Strict):
+    count: int = Field(8, ge=0)
+    repeats: int = Field(1, ge=1)
+
+
+class TokenizerCfg(Strict):
+    vocab_size: int = Field(1024, ge=64)
+    path: Optional[str] = None  # a local tokenizer.json to load instead of training
+    cache_dir: Optional[str] = None
+
+
+class DataCfg(Strict):
+    source: Literal["generate", "text", "jsonl", "datasets"] = "generate"
+    path: Optional[str] = None
+    text_field: str = "text"
+    kinds: list[str] = Field(default_factory=lambda: ["patient_note", "support_ticket", "email"])
+    records: int = Field(400, gt=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    split: SplitCfg = Field(default_factory=SplitCfg)
+    canaries: CanaryCfg = Field(default_factory=CanaryCfg)
+    tokenizer: TokenizerCfg = Field(default_factory=TokenizerCfg)
+
+    @model_validator(mode="after")
+    def _path(self):
+        if self.source != "generate" and not self.path:
+            raise ValueError(f"data.path is required when data.source is {self.source!r}")
+        return self
+
+
+class LinkCfg(Strict):
+    """One link: per-direction bandwidth, latency, jitter and loss."""
+
+    up_mbps: float = Field(1000.0, gt=0)
+    down_mbps: float = Field(1000.0, gt=0)
+    latency_ms: float = Field(0.5, ge=0)
+    jitter_ms: float = Field(0.0, ge=0)
+    loss: float = Field(0.0, ge=0, lt=1)
+
+
+LinkSpec = Union[str, LinkCfg]
+
+
+class PartyOverride(Strict):
+    device: Optional[str] = None
+    link: Optional[LinkSpec] = None
+    memory_budget: Optional[Union[int, str]] = None
+
+
+class PartiesCfg(Strict):
+    count: int = Field(4, ge=1)
+    memory_budget: Optional[Union[int, str]] = None
+    on_exceed: Literal["error", "warn"] = "error"
+    device: str = "host"
+    link: LinkSpec = "lan"
+    overrides: dict[int, PartyOverride] = Field(default_factory=dict)
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _budget(cls, v):
+        return None if v is None else parse_size(v)
+
+
+class CoordinatorCfg(Strict):
+    device: str = "host"
+    link: LinkSpec = "lan"
+
+
+class TrainingCfg(Strict):
+    steps: int = Field(60, gt=0)
+    batch_size: int = Field(8, gt=0)
+    seq_len: int = Field(64, ge=4)
+    lr: float = Field(3e-3, gt=0)
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(20, gt=0)
+    eval_batches: int = Field(4, gt=0)
+
+
+class ComputeCfg(Strict):
+    mode: Literal["measured", "flops", "none"] = "measured"
+
+
+class CaptureCfg(Strict):
+    enabled: bool = True
+    tensors: bool = True
+
+
+class ProtocolCfg(Strict):
+    name: str = "centralized"
+    options: dict = Field(default_factory=dict)
+
+
+class Scenario(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    torch_device: Literal["cpu", "cuda"] = "cpu"
+    model: ModelCfg = Field(default_factory=ModelCfg)
+    data: DataCfg = Field(default_factory=DataCfg)
+    protocol: ProtocolCfg = Field(default_factory=ProtocolCfg)
+    baselines: list[str] = Field(default_factory=list)
+    parties: PartiesCfg = Field(default_factory=PartiesCfg)
+    coordinator: CoordinatorCfg = Field(default_factory=CoordinatorCfg)
+    training: TrainingCfg = Field(default_factory=TrainingCfg)
+    compute: ComputeCfg = Field(default_factory=ComputeCfg)
+    capture: CaptureCfg = Field(default_factory=CaptureCfg)
+    attacks: list[Union[str, dict]] = Field(default_factory=list)
+
+    def resolved(self):
+        """The scenario with every default filled in, as plain data."""
+        return self.model_dump(mode="json")
+
+    def digest(self):
+        return hashlib.sha256(json.dumps(self.resolved(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dotted(loc):
+    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tagged-union")))
+
+
+def _describe(err):
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if "input" in err and err["type"] not in ("missing",):
+        return f"{msg} (got {err['input']!r})"
+    return msg
+
+
+def _semantic_problems(sc):
+    """Cross-field checks that need the registries (protocol, link and device names)."""
+    from . import devices, links
+    from parties.registry import protocol_names
+
+    problems = []
+    names = protocol_names()
+    for key, name in [("protocol.name", sc.protocol.name)] + [
+            (f"baselines.{i}", b) for i, b in enumerate(sc.baselines)]:
+        if name not in names:
+            problems.append(f"{key}: unknown protocol {name!r}; valid: {', '.join(names)}")
+    specs = [("parties.link", sc.parties.link), ("coordinator.link", sc.coordinator.link)]
+    devs = [("parties.device", sc.parties.device), ("coordinator.device", sc.coordinator.device)]
+    for i, o in sc.parties.overrides.items():
+        if i >= sc.parties.count:
+            problems.append(f"parties.overrides.{i}: no such party (count is {sc.parties.count})")
+        if o.link is not None:
+            specs.append((f"parties.overrides.{i}.link", o.link))
+        if o.device is not None:
+            devs.append((f"parties.overrides.{i}.device", o.device))
+        if o.memory_budget is not None:
+            try:
+                parse_size(o.memory_budget)
+            except ValueError as e:
+                problems.append(f"parties.overrides.{i}.memory_budget: {e}")
+    for key, spec in specs:
+        if isinstance(spec, str) and spec not in links.PROFILES:
+            problems.append(f"{key}: unknown link profile {spec!r}; valid: {', '.join(links.PROFILES)}")
+    for key, name in devs:
+        if name not in devices.PROFILES:
+            problems.append(f"{key}: unknown device profile {name!r}; valid: {', '.join(devices.PROFILES)}")
+    if sc.data.split.method == "by_source" and sc.data.source == "generate" \
+            and len(sc.data.kinds) < sc.parties.count:
+        problems.append(f"data.split.method: by_source needs at least one kind per party "
+                        f"({len(sc.data.kinds)} kinds for {sc.parties.count} parties)")
+    return problems
+
+
+def parse_scenario(data, path="<scenario>"):
+    """Validate a dict; raise ConfigError with every problem found."""
+    if not isinstance(data, dict):
+        raise ConfigError(path, [f"top level: expected a mapping (got {type(data).__name__})"])
+    try:
+        sc = Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(path, [f"{_dotted(e['loc']) or 'top level'}: {_describe(e)}"
+                                 for e in exc.errors()]) from None
+    problems = _semantic_problems(sc)
+    if problems:
+        raise ConfigError(path, problems)
+    return sc
+
+
+def load_scenario(path, overrides=None):
+    """Read and validate a scenario YAML file. ``overrides`` is a dict merged on top."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+    if overrides:
+        data = deep_merge(data or {}, overrides)
+    return parse_scenario(data, path)
+
+
+def deep_merge(base, extra):
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
