@@ -5,6 +5,7 @@ runs the scenario's protocol and each of its ``baselines`` on its own SimPy cloc
 writing metrics, capture and truth as it goes.  Used by ``python -m testbed run``.
 """
 import copy
+import importlib.util
 import json
 import logging
 import random
@@ -100,9 +101,13 @@ def run_protocol(name, scenario, data, init_model, rundir, main, progress):
     engine = SimEngine(name, endpoint_configs(scenario, roles_names),
                        random.Random(scenario.seed), on_log=on_log, capture=capture,
                        compute_mode=scenario.compute.mode)
+    roles = proto.roles()
+    if scenario.defences and importlib.util.find_spec("parties.defences"):
+        from parties.defences import wrap_roles
+        roles = wrap_roles(roles, scenario.defences, ctx)
     progress.start(name, proto.expected_train_logs())
     try:
-        stats = engine.run(proto.roles())
+        stats = engine.run(roles)
     finally:
         progress.close()
         if capture is not None:

@@ -144,6 +144,18 @@ class CaptureCfg(Strict):
     tensors: bool = True
 
 
+class DefenceCfg(Strict):
+    """A defence wrapped around a protocol (see parties/defences.py)."""
+
+    type: Literal["noise", "quantize", "dp_sgd"]
+    sigma: float = Field(0.0, ge=0)                 # noise: Gaussian std on sent tensors
+    bits: Literal["bf16", "int8", "fp16"] = "bf16"  # quantize: wire precision
+    kinds: list[str] = Field(default_factory=list)  # message kinds it applies to (empty = all)
+    noise_multiplier: float = Field(1.0, ge=0)      # dp_sgd
+    max_grad_norm: float = Field(1.0, gt=0)         # dp_sgd
+    delta: float = Field(1e-5, gt=0, lt=1)          # dp_sgd
+
+
 class ProtocolCfg(Strict):
     name: str = "centralized"
     options: dict = Field(default_factory=dict)
@@ -162,6 +174,7 @@ class Scenario(Strict):
     training: TrainingCfg = Field(default_factory=TrainingCfg)
     compute: ComputeCfg = Field(default_factory=ComputeCfg)
     capture: CaptureCfg = Field(default_factory=CaptureCfg)
+    defences: list[DefenceCfg] = Field(default_factory=list)
     attacks: list[Union[str, dict]] = Field(default_factory=list)
 
     def resolved(self):
