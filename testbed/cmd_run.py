@@ -1,9 +1,7 @@
 """``python -m testbed run|validate SCENARIO``."""
 import json
 
-from .runner import run_scenario
 from .scenario import load_scenario
-from .summary import format_summary
 
 
 def _override(pairs):
@@ -31,6 +29,9 @@ def add_run_arguments(p):
 
 
 def main_run(args):
+    from .runner import run_scenario
+    from .summary import format_summary
+
     sc = load_scenario(args.scenario, _override(args.set))
     path, summary = run_scenario(sc, runs_root=args.runs, progress=not args.no_progress,
                                  run_name=args.name)

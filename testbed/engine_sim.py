@@ -44,6 +44,8 @@ class SimEngine:
         self.messages = 0
         self.compute_time = {name: 0.0 for name in endpoints}
         self._t0 = time.perf_counter()
+        self._failure = None
+        self._abort = self.env.event()
 
     # -- effects -------------------------------------------------------------------------
     def _advance(self, role, gen, value):
@@ -85,6 +87,11 @@ class SimEngine:
                 eff, dt = self._advance(role, gen, value)
             except StopIteration:
                 return
+            except BaseException as exc:  # re-raised unchanged by run(); SimPy would copy it
+                if self._failure is None:
+                    self._failure = exc
+                    self._abort.succeed()
+                return
             value = None
             if dt > 0:
                 self.compute_time[role] += dt
@@ -118,7 +125,13 @@ class SimEngine:
         if unknown:
             raise ProtocolError(f"roles without an endpoint: {', '.join(sorted(unknown))}")
         procs = {name: self.env.process(self._drive(name, gen)) for name, gen in roles.items()}
-        self.env.run()
+        try:
+            self.env.run(until=self.env.all_of(list(procs.values())) | self._abort)
+        except RuntimeError as exc:
+            if "No scheduled events left" not in str(exc):
+                raise
+        if self._failure is not None:
+            raise self._failure
         stuck = [n for n, p in procs.items() if p.is_alive]
         if stuck:
             waits = "; ".join(f"{n} waits for {self.waiting[n]}" for n in stuck if n in self.waiting)

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from parties.base import RoleContext, party_name
 from parties.data.dataset import prepare_data
@@ -136,6 +137,7 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
             for r in data.records:
                 f.write(json.dumps(r) + "\n")
         init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
+        hf_logging.disable_progress_bar()
         init_model.save_pretrained(rundir.path / "public" / "init-model")
         results = {}
         for i, name in enumerate([scenario.protocol.name] + list(scenario.baselines)):

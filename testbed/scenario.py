@@ -10,10 +10,11 @@ Validate from the shell:  python -m testbed validate scenarios/x.yaml
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator, model_validator)
 
 from .errors import ConfigError
 from .units import parse_size
@@ -96,7 +97,11 @@ class LinkCfg(Strict):
     loss: float = Field(0.0, ge=0, lt=1)
 
 
-LinkSpec = Union[str, LinkCfg]
+# A link is a profile name or inline numbers; tagged so errors name only the branch given.
+LinkSpec = Annotated[
+    Union[Annotated[str, Tag("profile")], Annotated[LinkCfg, Tag("inline")]],
+    Discriminator(lambda v: "profile" if isinstance(v, str) else "inline")]
+_TAGS = {"profile", "inline"}
 
 
 class PartyOverride(Strict):
@@ -186,53 +191,79 @@ class Scenario(Strict):
 
 
 def _dotted(loc):
-    return ".".join(str(p) for p in loc if not str(p).startswith(("function-", "tagged-union")))
+    return ".".join(str(p) for p in loc
+                    if str(p) not in _TAGS and not str(p).startswith(("function-", "tagged-union")))
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
 
 
 def _describe(err):
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
+    kind, ctx = err["type"], err.get("ctx", {})
+    if kind == "extra_forbidden":
         return "unknown key"
-    if "input" in err and err["type"] not in ("missing",):
-        return f"{msg} (got {err['input']!r})"
-    return msg
+    if kind == "missing":
+        return "required"
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        msg = f"must be {_BOUNDS[kind]} {bound}"
+    elif kind == "literal_error":
+        msg = f"must be one of {ctx.get('expected')}"
+    else:
+        msg = err["msg"].removeprefix("Value error, ")
+    return f"{msg} (got {err['input']!r})" if "input" in err else msg
 
 
-def _semantic_problems(sc):
-    """Cross-field checks that need the registries (protocol, link and device names)."""
+def _get(data, dotted, default=None):
+    cur = data
+    for part in dotted.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return default
+        cur = cur[part]
+    return cur
+
+
+def _semantic_problems(data):
+    """Checks against the registries (protocol, link and device names) on the raw data, so
+    they are reported together with the schema's problems."""
     from . import devices, links
     from parties.registry import protocol_names
 
     problems = []
     names = protocol_names()
-    for key, name in [("protocol.name", sc.protocol.name)] + [
-            (f"baselines.{i}", b) for i, b in enumerate(sc.baselines)]:
-        if name not in names:
+    checks = [("protocol.name", _get(data, "protocol.name"))]
+    baselines = _get(data, "baselines", [])
+    checks += [(f"baselines.{i}", b) for i, b in enumerate(baselines if isinstance(baselines, list) else [])]
+    for key, name in checks:
+        if isinstance(name, str) and name not in names:
             problems.append(f"{key}: unknown protocol {name!r}; valid: {', '.join(names)}")
-    specs = [("parties.link", sc.parties.link), ("coordinator.link", sc.coordinator.link)]
-    devs = [("parties.device", sc.parties.device), ("coordinator.device", sc.coordinator.device)]
-    for i, o in sc.parties.overrides.items():
-        if i >= sc.parties.count:
-            problems.append(f"parties.overrides.{i}: no such party (count is {sc.parties.count})")
-        if o.link is not None:
-            specs.append((f"parties.overrides.{i}.link", o.link))
-        if o.device is not None:
-            devs.append((f"parties.overrides.{i}.device", o.device))
-        if o.memory_budget is not None:
-            try:
-                parse_size(o.memory_budget)
-            except ValueError as e:
-                problems.append(f"parties.overrides.{i}.memory_budget: {e}")
+    specs = [("parties.link", _get(data, "parties.link")), ("coordinator.link", _get(data, "coordinator.link"))]
+    devs = [("parties.device", _get(data, "parties.device")),
+            ("coordinator.device", _get(data, "coordinator.device"))]
+    overrides = _get(data, "parties.overrides", {})
+    count = _get(data, "parties.count", 4)
+    for i, o in (overrides.items() if isinstance(overrides, dict) else []):
+        if isinstance(i, int) and isinstance(count, int) and i >= count:
+            problems.append(f"parties.overrides.{i}: no such party (count is {count})")
+        if isinstance(o, dict):
+            specs.append((f"parties.overrides.{i}.link", o.get("link")))
+            devs.append((f"parties.overrides.{i}.device", o.get("device")))
+            if o.get("memory_budget") is not None:
+                try:
+                    parse_size(o["memory_budget"])
+                except ValueError as e:
+                    problems.append(f"parties.overrides.{i}.memory_budget: {e}")
     for key, spec in specs:
         if isinstance(spec, str) and spec not in links.PROFILES:
             problems.append(f"{key}: unknown link profile {spec!r}; valid: {', '.join(links.PROFILES)}")
     for key, name in devs:
-        if name not in devices.PROFILES:
+        if isinstance(name, str) and name not in devices.PROFILES:
             problems.append(f"{key}: unknown device profile {name!r}; valid: {', '.join(devices.PROFILES)}")
-    if sc.data.split.method == "by_source" and sc.data.source == "generate" \
-            and len(sc.data.kinds) < sc.parties.count:
+    kinds = _get(data, "data.kinds")
+    if _get(data, "data.split.method") == "by_source" and _get(data, "data.source", "generate") == "generate" \
+            and isinstance(kinds, list) and isinstance(count, int) and len(kinds) < count:
         problems.append(f"data.split.method: by_source needs at least one kind per party "
-                        f"({len(sc.data.kinds)} kinds for {sc.parties.count} parties)")
+                        f"({len(kinds)} kinds for {count} parties)")
     return problems
 
 
@@ -240,12 +271,12 @@ def parse_scenario(data, path="<scenario>"):
     """Validate a dict; raise ConfigError with every problem found."""
     if not isinstance(data, dict):
         raise ConfigError(path, [f"top level: expected a mapping (got {type(data).__name__})"])
+    problems, sc = [], None
     try:
         sc = Scenario.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(path, [f"{_dotted(e['loc']) or 'top level'}: {_describe(e)}"
-                                 for e in exc.errors()]) from None
-    problems = _semantic_problems(sc)
+        problems = [f"{_dotted(e['loc']) or 'top level'}: {_describe(e)}" for e in exc.errors()]
+    problems += _semantic_problems(data)
     if problems:
         raise ConfigError(path, problems)
     return sc

@@ -178,8 +178,13 @@ else
     log "building wheels for: $(tr '\n' ' ' < "$REQS")"
     # `pip wheel` downloads wheels where they exist and builds the rest (sdist-only packages) into wheels, so
     # the image never needs a compiler or an index.  Wheels already in the wheelhouse are reused.
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELHOUSE" --find-links "$WHEELHOUSE" -r "$REQS" \
-        || die "pip wheel failed (for the CPU torch wheel, PIP_EXTRA_INDEX_URL may need the PyTorch CPU index)"
+    # (the grep drops pip's noise about configured find-links entries that are not directories)
+    set +o pipefail
+    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELHOUSE" --find-links "$WHEELHOUSE" -r "$REQS" 2>&1 \
+        | { grep -v 'is ignored: it is neither a file nor a directory' || true; } >&2
+    rc=${PIPESTATUS[0]}
+    set -o pipefail
+    [ "$rc" -eq 0 ] || die "pip wheel failed (for the CPU torch wheel, PIP_EXTRA_INDEX_URL may need the PyTorch CPU index)"
     # resolve offline against the wheelhouse alone: proves it is complete, and lists what is needed
     REPORT=$(mktemp)
     "$PYTHON" -m pip install --quiet --dry-run --ignore-installed --no-index --find-links "$WHEELHOUSE" \
@@ -215,8 +220,11 @@ INPUTS_SHA=$(
     {
         echo "base $BASE_ID"
         echo "wheelhouse $(cat "$WHEELHOUSE/.stamp")"
-        find Dockerfile .dockerignore pyproject.toml README.md testbed parties attacks scenarios \
-            -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 2>/dev/null | sort -z | xargs -0 sha256sum
+        inputs=()
+        for p in Dockerfile .dockerignore pyproject.toml README.md testbed parties attacks scenarios; do
+            [ -e "$p" ] && inputs+=("$p")
+        done
+        find "${inputs[@]}" -type f ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 -r sha256sum
     } | sha256sum | cut -d' ' -f1
 )
 CURRENT=$(docker image inspect -f '{{index .Config.Labels "org.testbed.inputs-sha256"}}' "$IMAGE" 2>/dev/null || true)
