@@ -14,6 +14,8 @@ ARG BASE=python:3.11-slim
 
 # ---------------------------------------------------------------- dependencies, in a throw-away stage
 FROM ${BASE} AS deps
+# lets build-image.sh drop the cached dependency stages of older builds
+LABEL org.testbed.stage=deps
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

@@ -46,7 +46,7 @@ for a in "$@"; do
     esac
 done
 
-log() { printf '[build-image] %s\n' "$*" >&2; }
+log() { printf "[build-image] %s\n" "$*"; }
 die() { printf '[build-image] ERROR: %s\n' "$*" >&2; exit 1; }
 phase_done() { printf '[build-image] phase %-10s %4ds  %s\n' "$1" "$(( $(date +%s) - $2 ))" "$3"; }
 T_ALL=$(date +%s)
@@ -240,7 +240,10 @@ else
         --label "org.testbed.pyproject-sha256=$PYPROJECT_SHA" \
         -t "$IMAGE" . > /tmp/testbed-docker-build.log 2>&1 \
         || { tail -n 40 /tmp/testbed-docker-build.log >&2; die "docker build failed (log: /tmp/testbed-docker-build.log)"; }
+    # drop superseded images: old project images, and dependency stages (kept as build cache) except the newest
     docker image prune -f --filter "label=org.testbed.inputs-sha256" >/dev/null 2>&1 || true
+    docker images -q --filter dangling=true --filter label=org.testbed.stage=deps | tail -n +2 \
+        | xargs -r docker rmi >/dev/null 2>&1 || true
     phase_done image "$T" "$IMAGE built ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}'))"
 fi
 printf '[build-image] total      %4ds\n' "$(( $(date +%s) - T_ALL ))"
