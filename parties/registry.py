@@ -14,6 +14,10 @@ PROTOCOLS = {
     "fedavg": "fedavg",
     "fedsgd": "fedsgd",
     "split": "split",
+    "privatelora_full": "privatelora_full",
+    "lora": "lora",
+    "device_only": "device_only",
+    "cloud_only": "cloud_only",
 }
 
 

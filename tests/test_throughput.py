@@ -1,0 +1,128 @@
+"""Tests for the analytic throughput model (testbed/throughput.py) and its CLI.
+
+The model must agree with the embedded engine running the PrivateLoRA protocol on the
+same shapes, profiles and links: bytes exactly, simulated time within 10%.
+"""
+import json
+import math
+
+import pytest
+import torch
+from test_privatelora import R1, R2, run_engine, scenario
+
+from testbed import codec, devices, links
+from parties.privatelora_wire import pass_plan
+from testbed.cli import main
+from testbed.scenario import LinkCfg
+from testbed.throughput import (Setup, Shapes, evaluate, frame_bytes, generation_seconds, llama_config,
+                                pass_cost)
+
+P, N = 5, 3
+STEPS = 1
+
+
+def test_frame_bytes_is_the_codecs_frame_size():
+    msgs = [codec.Message(kind="act_down", src="cloud", dst="party-0", step=12,
+                          meta={"layer": 3, "projections": ["q", "k", "v"], "x": None},
+                          tensors={p: torch.zeros(1, 7, 64, dtype=torch.bfloat16) for p in "qkv"}),
+            codec.Message(kind="token", src="cloud", dst="party-10", step=-1, meta={},
+                          tensors={"token": torch.zeros(1, 1, dtype=torch.int64)}),
+            codec.Message(kind="empty", step=0)]
+    for m in msgs:
+        spec = {"kind": m.kind, "src": m.src, "dst": m.dst, "step": m.step, "meta": m.meta,
+                "tensors": {n: (str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in m.tensors.items()}}
+        assert frame_bytes(spec) == len(codec.encode(m))
+
+
+def test_llama_2_7b_shapes_and_device_only_decode_golden():
+    s = Shapes.from_config(llama_config("llama-2-7b"), dtype_bytes=2)
+    assert s.weight_bytes() == 2 * 6_738_415_616          # LLaMA-2-7B's published parameter count
+    setup = Setup(devices.PROFILES["phone"], devices.PROFILES["a100"], links.PROFILES["5g"],
+                  links.PROFILES["datacenter"])
+    res = evaluate(s, setup, prompt_len=512, r_c2d=64)
+    kv = 2 * 513 * 4096 * 2 * 32
+    flops = 32 * (2 * s.layer_linear_macs + 4 * 513 * 4096) + 2 * 4096 * 32000
+    read = s.weight_bytes() - 32000 * 4096 * 2 + 4096 * 2 + kv   # embeddings: one row read
+    assert res["device_only"]["decode_s"]["total"] == pytest.approx(flops / 4e12 + read / 42.7e9, rel=1e-12)
+    assert not res["device_only"]["fits_device"] and res["privatelora"]["fits_device"]
+    # per decoded token PrivateLoRA carries 2d + L*3*(r_c2d + r_d2c) elements in 2L+2 messages;
+    # the full-hidden split 2d + L*(d + d_q + d_k + d_v)
+    for lowrank, elements in ((True, 2 * 4096 + 32 * 3 * 128), (False, 2 * 4096 + 32 * 4 * 4096)):
+        plan = pass_plan(s.config, lowrank, 64, 64, "bfloat16", "party-0", 0, 1, 512)
+        assert len(plan) == 66
+        assert sum(math.prod(shape) for m in plan for _, shape in m["tensors"].values()) == elements
+        cost = pass_cost(s, "privatelora" if lowrank else "full_hidden", 1, 513, r_c2d=64, start=512)
+        assert [n for *_, n in cost.messages] == [frame_bytes(m) for m in plan]
+    assert res["privatelora"]["decode_messages_per_token"] == 66
+
+
+def _engine_vs_model(name, scheme, device, cloud, dev_link, cloud_link, tmp_path):
+    sc = scenario(parties={"count": 1, "device": device, "link": dev_link},
+                  coordinator={"device": cloud, "link": cloud_link}, compute={"mode": "flops"},
+                  training={"steps": STEPS, "batch_size": 2, "seq_len": 16, "eval_every": 1, "eval_batches": 1})
+    sc["protocol"]["options"].update(prompt_len=P, generate_tokens=N)
+    res = run_engine(sc, name=name, tmp_path=tmp_path)
+    logs = res["logs"]
+    t0 = next(r["sim_time"] for r in logs if r.get("event") == "generate_start")
+    t1 = next(r["sim_time"] for r in logs if r.get("event") == "generate")
+    shapes = Shapes.from_config(res["init"].config, dtype_bytes=4)
+    link = (lambda x: links.resolve_link(x))
+    setup = Setup(devices.PROFILES[device], devices.PROFILES[cloud], link(dev_link), link(cloud_link))
+    kw = dict(step=STEPS, r_c2d=R1, r_d2c=R2)
+    exact = generation_seconds(shapes, scheme, setup, P, N, count_attention=False, **kw)
+    full = generation_seconds(shapes, scheme, setup, P, N, count_attention=True, **kw)
+    # bytes: every generation message as the analytic model frames it
+    gen = [r["bytes"] for r in res["index"] if r["meta"].get("mode") == "generate"]
+    model_bytes, start, q = [], 0, P
+    for _ in range(N):
+        model_bytes += [n for *_, n in pass_cost(shapes, scheme, q, start + q, start=start, **kw).messages]
+        start, q = start + q, 1
+    assert gen == model_bytes
+    return t1 - t0, exact, full
+
+
+@pytest.mark.parametrize("name,scheme", [("privatelora", "privatelora"), ("privatelora_full", "full_hidden")])
+def test_engine_agrees_with_the_model_on_phone_a100_5g(name, scheme, tmp_path):
+    no_jitter_5g = {"up_mbps": 60, "down_mbps": 100, "latency_ms": 10}
+    sim, exact, full = _engine_vs_model(name, scheme, "phone", "a100", no_jitter_5g, "datacenter", tmp_path)
+    print(f"{name} phone+a100+5g: engine {sim:.6f}s model {exact:.6f}s (with attention {full:.6f}s)")
+    assert sim == pytest.approx(exact, rel=1e-6)
+    assert abs(full - sim) / sim < 0.10
+
+
+def test_engine_agrees_with_the_model_when_compute_dominates(tmp_path):
+    sim, exact, full = _engine_vs_model("privatelora", "privatelora", "host", "host", "ideal", "ideal", tmp_path)
+    print(f"privatelora host+host+ideal: engine {sim:.3e}s model {exact:.3e}s (with attention {full:.3e}s), "
+          f"discrepancy {abs(full - sim) / sim:.2%}")
+    assert sim == pytest.approx(exact, rel=1e-6)
+    assert abs(full - sim) / sim < 0.10
+
+
+def test_jitter_is_modelled_by_its_mean():
+    s = Shapes.from_config(llama_config("tinyllama-1.1b"))
+    j = LinkCfg(up_mbps=60, down_mbps=100, latency_ms=10, jitter_ms=2)
+    a = Setup(devices.PROFILES["phone"], devices.PROFILES["a100"], j, links.PROFILES["datacenter"])
+    b = Setup(devices.PROFILES["phone"], devices.PROFILES["a100"], j.model_copy(update={"jitter_ms": 0}),
+              links.PROFILES["datacenter"])
+    ta, tb = (generation_seconds(s, "privatelora", x, 8, 2) for x in (a, b))
+    assert ta - tb == pytest.approx(2 * 46 * 2e-3 * (2 / torch.pi) ** 0.5, rel=1e-9)   # 2 passes x 46 msgs
+
+
+def test_cli_table_json_and_sweeps(tmp_path, capsys):
+    assert main(["throughput", "--model", "llama-2-7b", "--device", "phone", "--cloud", "a100",
+                 "--link", "5g", "--rank", "64"]) == 0
+    out = capsys.readouterr().out
+    for label in ("device only", "cloud only", "PrivateLoRA", "full-hidden split", "assumptions:",
+                  "batch size 1", "latency"):
+        assert label in out
+    assert main(["throughput", "--json", "--rank", "16"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert res["privatelora"]["decode_bytes_per_token"] < res["full_hidden"]["decode_bytes_per_token"]
+    for sweep in ("rank", "bandwidth", "latency"):
+        png = tmp_path / f"{sweep}.png"
+        assert main(["throughput", "--sweep", sweep, "-o", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["throughput", "--model", "gpt-9", "--sweep", "rank"]) == 2
+    err = capsys.readouterr().err
+    assert "--model: unknown model 'gpt-9'" in err and "--sweep: needs -o PATH" in err
