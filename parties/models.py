@@ -6,9 +6,13 @@ or loads ``cfg.path`` with ``from_pretrained`` (a local directory; nothing is
 downloaded).  Initialisation is deterministic in ``seed`` and leaves the global RNG as
 it was.
 """
+from pathlib import Path
+
 import torch
 from transformers import (AutoModelForCausalLM, LlamaConfig, MixtralConfig, OlmoeConfig,
                           Qwen2MoeConfig)
+
+from testbed.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,6 +50,11 @@ def build_model(cfg, vocab_size, seed, device="cpu"):
     """A fresh model (or ``from_pretrained(cfg.path)``), deterministic in ``seed``."""
     dtype = DTYPES[cfg.dtype]
     if cfg.path:
+        if not (Path(cfg.path) / "config.json").exists():
+            raise ConfigError("model.path", [
+                f"no checkpoint at {cfg.path} (expected config.json from save_pretrained); "
+                "build or copy it first (for PrivateLoRA scenarios: python -m parties.privatelora_base "
+                "<scenario>)"])
         model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
         if model.config.vocab_size < vocab_size:
             raise ValueError(f"model.path {cfg.path}: vocab_size {model.config.vocab_size} is smaller "

@@ -71,6 +71,11 @@ def prepare_data(scenario, base_dir, cache_dir=None):
                          "(need at least 2 per party: one to train, one to hold out)")
     texts = [r["text"] for r in records]
     if dc.tokenizer.path:
+        if not (base_dir / dc.tokenizer.path).exists():
+            from testbed.errors import ConfigError
+            raise ConfigError("data.tokenizer.path", [
+                f"{dc.tokenizer.path} does not exist (a tokenizer.json "
+                "saved by the tokenizers library is expected)"])
         tok = load_tokenizer(base_dir / dc.tokenizer.path)
     else:
         tok = train_tokenizer(texts, dc.tokenizer.vocab_size, cache_dir)
