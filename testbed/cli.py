@@ -13,6 +13,7 @@ Known errors print one line (or one block) and exit with the error's code:
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from .errors import TestbedError
@@ -31,6 +32,10 @@ COMMANDS = {
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("TESTBED_THREADS", "1")),
+                        help="torch intra-op threads (default 1, or $TESTBED_THREADS): the small "
+                             "models of the testbed's scenarios run fastest single-threaded, and "
+                             "parallel sweeps must not oversubscribe the cores")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (modname, help_) in COMMANDS.items():
         if importlib.util.find_spec(modname) is None:
@@ -40,6 +45,9 @@ def main(argv=None):
         getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
         p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -2,10 +2,14 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from testbed.scenario import parse_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tests' models are tiny: one thread is as fast, and it keeps parallel jobs from thrashing.
+torch.set_num_threads(1)
 
 TINY = {
     "name": "tiny",
