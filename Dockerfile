@@ -54,6 +54,7 @@ COPY attacks/ attacks/
 COPY scenarios/ scenarios/
 # editable install: no copy of the sources in site-packages, and /app can be bind-mounted for development
 RUN pip install --no-index --no-deps --no-build-isolation -e .
-# The lead replaces this with the testbed's container entry point (python -m testbed.container).
-ENTRYPOINT ["python", "-m"]
-CMD ["testbed", "--help"]
+# One image, every role: `docker run IMAGE prepare|coordinator|party` (or ROLE=...), configured by
+# environment variables (testbed/container/settings.py).  Other tools: --entrypoint python.
+ENTRYPOINT ["python", "-m", "testbed.container"]
+CMD []

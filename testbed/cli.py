@@ -30,6 +30,8 @@ COMMANDS = {
 
 
 def main(argv=None):
+    # before any command module imports torch, so its thread pool starts at this size
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TESTBED_THREADS", "1"))
     parser = argparse.ArgumentParser(prog="python -m testbed", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("TESTBED_THREADS", "1")),
@@ -45,9 +47,8 @@ def main(argv=None):
         getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
         p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
     args = parser.parse_args(argv)
-    if args.threads > 0:
-        import torch
-        torch.set_num_threads(args.threads)
+    if args.threads > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

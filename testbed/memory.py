@@ -66,7 +66,9 @@ class MemoryTracker:
         if kind == "params":
             return [p for m in self._modules for p in m.parameters()]
         if kind == "grads":
-            return [p.grad for m in self._modules for p in m.parameters() if p.grad is not None]
+            # Opacus (DP-SGD) keeps one gradient per example in p.grad_sample: count it too
+            return [g for m in self._modules for p in m.parameters()
+                    for g in (p.grad, getattr(p, "grad_sample", None)) if isinstance(g, torch.Tensor)]
         return [t for o in self._opts for t in optimizer_state_tensors(o)]
 
     def update_state(self):

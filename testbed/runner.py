@@ -78,19 +78,36 @@ class Progress:
             self.bar = None
 
 
-def run_protocol(name, scenario, data, init_model, rundir, main, progress):
-    """Run one protocol on its own clock; return its summary pieces."""
+def build_roles(scenario, name, data, init_model, rundir, main, keep=None):
+    """Set up protocol ``name`` for a run: returns (protocol, ctx, roles).
+
+    ``data``: anything with ``vocab_size`` and ``parties`` (PartyData per party);
+    ``rundir``: receives ``truth(protocol, party, step, ids)`` when ``main``;
+    ``keep``: the role names to build (None: all) -- an engine hosting only some roles
+    (a container) gets only those.  Memory trackers with the scenario's budgets are in
+    ``ctx.trackers``; the scenario's transmission defences are wrapped around the roles."""
     device = torch.device(scenario.torch_device)
-    proto_cls = get_protocol(name)
     ctx = RoleContext(
         scenario=scenario, vocab_size=data.vocab_size, parties=data.parties, device=device,
         build_model=lambda: copy.deepcopy(init_model), protocol_name=name,
         record_truth=(lambda party, step, ids: rundir.truth(name, party, step, ids)) if main
         else (lambda party, step, ids: None))
-    proto = proto_cls(ctx)
-    roles_names = proto.role_names()
+    proto = get_protocol(name)(ctx)
     ctx.trackers = {r: MemoryTracker(r, party_budget(scenario, r), scenario.parties.on_exceed)
-                    for r in roles_names}
+                    for r in proto.role_names()}
+    roles = proto.roles()
+    if keep is not None:
+        roles = {r: g for r, g in roles.items() if r in keep}
+    if scenario.defences and importlib.util.find_spec("parties.defences"):
+        from parties.defences import wrap_roles
+        roles = wrap_roles(roles, scenario.defences, ctx)
+    return proto, ctx, roles
+
+
+def run_protocol(name, scenario, data, init_model, rundir, main, progress):
+    """Run one protocol on its own clock; return its summary pieces."""
+    proto, ctx, roles = build_roles(scenario, name, data, init_model, rundir, main)
+    roles_names = proto.role_names()
     capture = None
     if main and scenario.capture.enabled:
         capture = CaptureWriter(rundir.path / "capture", name, tensors=scenario.capture.tensors)
@@ -102,10 +119,6 @@ def run_protocol(name, scenario, data, init_model, rundir, main, progress):
     engine = SimEngine(name, endpoint_configs(scenario, roles_names),
                        random.Random(scenario.seed), on_log=on_log, capture=capture,
                        compute_mode=scenario.compute.mode)
-    roles = proto.roles()
-    if scenario.defences and importlib.util.find_spec("parties.defences"):
-        from parties.defences import wrap_roles
-        roles = wrap_roles(roles, scenario.defences, ctx)
     progress.start(name, proto.expected_train_logs())
     try:
         stats = engine.run(roles)

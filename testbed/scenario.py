@@ -117,6 +117,7 @@ class PartiesCfg(Strict):
     device: str = "host"
     link: LinkSpec = "lan"
     overrides: dict[int, PartyOverride] = Field(default_factory=dict)
+    cpus: Optional[float] = Field(None, gt=0)  # container mode: CPU limit per party container
 
     @field_validator("memory_budget")
     @classmethod
@@ -127,6 +128,7 @@ class PartiesCfg(Strict):
 class CoordinatorCfg(Strict):
     device: str = "host"
     link: LinkSpec = "lan"
+    cpus: Optional[float] = Field(None, gt=0)  # container mode: CPU limit of the coordinator
 
 
 class TrainingCfg(Strict):
