@@ -39,13 +39,16 @@ def main(argv=None):
                              "models of the testbed's scenarios run fastest single-threaded, and "
                              "parallel sweeps must not oversubscribe the cores")
     sub = parser.add_subparsers(dest="command", required=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (modname, help_) in COMMANDS.items():
         if importlib.util.find_spec(modname) is None:
             continue
-        mod = importlib.import_module(modname)
         p = sub.add_parser(name, help=help_, description=help_)
-        getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
-        p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
+        if name == chosen:  # only the chosen command's module is imported: fast start-up
+            mod = importlib.import_module(modname)
+            getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
+            p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
     args = parser.parse_args(argv)
     if args.threads > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(args.threads)
