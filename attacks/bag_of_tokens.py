@@ -1,0 +1,178 @@
+"""Bag of tokens from the embedding gradient, and the gradient plumbing the other
+gradient-inversion attacks share.
+
+Threat model: an honest-but-curious aggregator (FedSGD coordinator, or anyone on the
+wire) sees one party's gradient of the LM loss for one batch.  The embedding layer is a
+lookup, so the gradient of the input embedding matrix is nonzero exactly in the rows of
+the tokens the batch contains (rows of absent tokens stay exactly zero): the set of
+nonzero rows *is* the bag of tokens.  Under Gaussian noise on the gradient every row is
+nonzero, but absent rows then all have about the noise's norm and present rows stand
+above it (:func:`token_bag` cuts at the widest gap).  This is the first step of
+iDLG-style label recovery (Zhao et al., "iDLG: Improved Deep Leakage from Gradients",
+arXiv 2001.02610), of LAMP (Balunovic et al., NeurIPS 2022, arXiv 2202.08827), FILM
+(Gupta et al., NeurIPS 2022, arXiv 2205.08514) and DAGER (Petrov et al., NeurIPS 2024,
+arXiv 2405.15586).
+
+Blind spot (documented, not a bug): in a dense causal LM trained with
+``labels = input_ids`` the last token of a row influences no loss term, so it is in the
+bag only if it also occurs earlier in some row (DAGER recovers it from the LM-head
+gradient instead).  A mixture of experts trained with the router's auxiliary loss has no
+such spot: that loss covers every position, so the bag is complete.
+
+    python -m attacks run runs/<fedsgd run> --attack bag-of-tokens
+"""
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from .base import Attack, Reconstruction, ThreatModel
+from .view import MessageGroup
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GradientBatch:
+    """One party's captured gradient for one step (tensors load lazily)."""
+
+    protocol: str
+    party: str
+    step: int
+    group: MessageGroup
+
+    def names(self):
+        return self.group.names
+
+    def get(self, param_name):
+        """The gradient of ``param_name`` (exact name, else the unique captured name that
+        ends with it, so ``layers.0.self_attn.q_proj.weight`` finds ``model.layers.0...``)."""
+        names = self.group.names
+        if param_name in names:
+            return self.group.tensor(param_name)
+        hits = [n for n in names if n.endswith("." + param_name) or param_name.endswith("." + n)]
+        if len(hits) != 1:
+            raise KeyError(f"{self.party} step {self.step}: no unique gradient for {param_name!r} "
+                           f"(captured: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
+        return self.group.tensor(hits[0])
+
+    def has(self, param_name):
+        try:
+            self.get(param_name)
+            return True
+        except KeyError:
+            return False
+
+
+def gradient_batches(view, kinds, steps=None, max_batches=0):
+    """Every (party, step) gradient the view's observer saw, in capture order.
+
+    ``kinds``: message kinds carrying gradients; ``steps``: an optional list of steps to
+    keep; ``max_batches``: keep at most this many (0 = all).  The party is the message's
+    ``meta["party"]`` when present, else its sender.
+    """
+    out = []
+    for group in view.groups(kind=tuple(kinds), by=("src", "step")):
+        step = group.key["step"]
+        if steps is not None and step not in steps:
+            continue
+        party = group.messages[0].meta.get("party") or group.key["src"]
+        if not str(party).startswith("party-"):
+            continue  # an aggregate (e.g. a broadcast average) is no single party's batch
+        out.append(GradientBatch(view.protocol, party, step, group))
+        if max_batches and len(out) >= max_batches:
+            break
+    return out
+
+
+class StepWeights:
+    """The weights each FedSGD step's gradient was taken at, rebuilt from what the observer saw.
+
+    Step 0 is the shared starting checkpoint.  After each round every party puts the
+    broadcast mean gradient (kind ``update``) into ``p.grad`` and takes one step of the
+    public ``training.optimizer``, so an observer of the updates (the coordinator, who
+    sends them, a party, or the wire) replays the same steps and holds the same weights.
+    :meth:`at` must be called with non-decreasing steps; it returns ``None`` when an
+    update before ``step`` was not observed.
+    """
+
+    def __init__(self, view, update_kind="update"):
+        from parties.base import make_optimizer
+        from testbed.scenario import TrainingCfg
+        self.model = view.init_model()
+        self.opt = make_optimizer(self.model.parameters(), TrainingCfg(**view.config()["training"]))
+        self.updates = {}
+        for m in view.messages(kind=update_kind):
+            self.updates.setdefault(m.step, m)
+        self.step = 0
+
+    def at(self, step):
+        if step < self.step:
+            raise ValueError(f"StepWeights.at: step {step} is before the replayed step {self.step}")
+        while self.step < step:
+            msg = self.updates.get(self.step)
+            if msg is None:
+                return None
+            names = msg.names
+            for name, p in self.model.named_parameters():
+                hit = [n for n in names if n == name or n.endswith("." + name) or name.endswith("." + n)]
+                if len(hit) == 1:
+                    p.grad = msg.tensor(hit[0]).to(p.dtype)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+        return self.model
+
+
+def param_name(model, param):
+    """The name under which ``param`` appears in ``model.named_parameters()``."""
+    for name, p in model.named_parameters():
+        if p is param:
+            return name
+    raise KeyError("parameter not found in model")
+
+
+def token_bag(batch, model, rel_tol=0.0):
+    """Token ids whose input-embedding gradient row stands out.
+
+    ``rel_tol`` > 0: rows with norm > ``rel_tol`` x the largest.  0 (auto): the nonzero
+    rows when some rows are exactly zero (an exact gradient); otherwise (every row
+    nonzero: noise was added) the rows above the widest gap of the sorted log row norms --
+    noise alone gives every absent row about the same norm, present rows stand above it.
+    """
+    g = batch.get(param_name(model, model.get_input_embeddings().weight)).double()
+    norms = g.norm(dim=1)
+    if norms.max() == 0:
+        return []
+    if rel_tol > 0:
+        return torch.nonzero(norms > rel_tol * norms.max()).flatten().tolist()
+    if (norms == 0).any():
+        return torch.nonzero(norms > 0).flatten().tolist()
+    ordered = norms.sort(descending=True).values.log()
+    cut = int((ordered[:-1] - ordered[1:]).argmax()) + 1
+    return torch.nonzero(norms >= ordered[cut - 1].exp()).flatten().tolist()
+
+
+class BagOfTokens(Attack):
+    """Nonzero rows of the input-embedding gradient = the tokens in the batch."""
+
+    name = "bag-of-tokens"
+    threat_model = ThreatModel(
+        observers=("coordinator", "wire"),
+        knowledge=frozenset({"config", "init_model"}),
+        summary="aggregator that sees each party's gradient; knows the architecture "
+                "(parameter names) from the shared starting checkpoint")
+    targets = {"fedsgd": ("grad",)}
+    options = {"rel_tol": 0.0, "steps": None, "max_batches": 0}
+
+    def run(self, view, rel_tol=0.0, steps=None, max_batches=0):
+        model = view.init_model()
+        out = []
+        for b in gradient_batches(view, self.kinds(view.protocol), steps, max_batches):
+            bag = token_bag(b, model, rel_tol)
+            out.append(Reconstruction(b.protocol, b.party, b.step, bag, kind="set",
+                                      meta={"tokens": len(bag)}))
+        return out
+
+
+ATTACK = BagOfTokens

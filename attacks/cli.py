@@ -1,0 +1,92 @@
+"""Command line: ``python -m attacks <command> ...``
+
+  run RUN_DIR [--attack NAME ...] [--observer NAME] [--option KEY=VALUE ...]
+              run attacks on a run directory's capture, score them against its truth/,
+              print the attack x observer x metric table and write
+              RUN_DIR/attacks/<attack>-<observer>.json
+  list        the registered attacks: threat model, targeted protocols and options
+
+Without ``--attack`` every registered attack runs (those that do not target the run's
+protocol are listed as skipped).  Known errors print one line and exit with the
+error's code (2 bad config or arguments).
+"""
+import argparse
+import json
+import logging
+import sys
+
+import yaml
+
+from testbed.errors import ConfigError, TestbedError
+
+from .registry import attack_names, get_attack
+from .runner import format_table, run_attacks
+
+
+def _options(pairs):
+    """['beam=8', 'steps=[0, 1]'] -> {'beam': 8, 'steps': [0, 1]} (values parsed as YAML)."""
+    out = {}
+    for item in pairs or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError("--option", [f"{item!r}: expected KEY=VALUE"])
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def main_run(args):
+    names = args.attack or attack_names()
+    options = _options(args.option)
+    if options and len(names) != 1:
+        raise ConfigError("--option", ["options need exactly one --attack"])
+    specs = [{"name": n, "observer": args.observer, "options": options} for n in names]
+    results = run_attacks(args.run_dir, specs)
+    if args.json:
+        print(json.dumps([{k: v for k, v in r.items() if k != "reconstructions"} for r in results], indent=2))
+    else:
+        print(format_table(results))
+        for r in results:
+            for note in r.get("notes", []):
+                print(f"note: {r['attack']} as {r['observer']}: {note}")
+            if "path" in r:
+                print(f"wrote {r['path']}")
+    return 0
+
+
+def main_list(_args):
+    for name in attack_names():
+        a = get_attack(name)
+        tm = a.threat_model
+        print(f"{name}\n  threat model: {tm.summary}\n  observers: {', '.join(tm.observers)}; "
+              f"knowledge: {', '.join(sorted(tm.knowledge))}\n  targets: "
+              + "; ".join(f"{p} ({', '.join(k)})" for p, k in a.targets.items())
+              + f"\n  options: {json.dumps(a.options)}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m attacks", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run attacks on a run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--attack", action="append", metavar="NAME",
+                   help="attack to run (repeatable; default: all)")
+    p.add_argument("--observer",
+                   help="observer to play (default: every observer that receives the attack's kinds)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="attack option (repeatable)")
+    p.add_argument("--json", action="store_true", help="print the results (without reconstructions) as JSON")
+    p.set_defaults(func=main_run)
+    p = sub.add_parser("list", help="list the registered attacks")
+    p.set_defaults(func=main_list)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args) or 0
+    except TestbedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

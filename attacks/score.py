@@ -1,0 +1,158 @@
+"""The scorer: the only code under attacks/ that reads ``truth/``.
+
+``score(run_dir, reconstructions)`` aligns each reconstruction with the private batch it
+claims to recover -- ``(protocol, party, step)`` from ``truth/tokens.jsonl`` -- and with a
+row of that batch (the attack's ``row``, or, when the attack cannot know the order, the
+row it matches best, each row used once).  Metrics, over every row of every attacked batch
+(a row nothing was matched to scores 0):
+
+* ``token_accuracy``  -- position-wise: matching tokens / truth length;
+* ``rouge1/2/L``      -- F-measure of the ``rouge-score`` package on decoded text;
+* ``exact_match``     -- fraction of rows recovered token for token;
+* ``canary_recovery`` -- planted secrets recovered / secrets present in attacked rows: a
+  canary counts when its value appears in the decoded reconstruction of a row that held
+  it, or among the attack's reported ``secrets`` for that batch;
+* set-valued reconstructions (``kind="set"``) score ``token_set_recall`` /
+  ``token_set_precision`` against the tokens present anywhere in the batch, and
+  ``token_set_exact`` (the sets are equal).
+"""
+import json
+from pathlib import Path
+
+from parties.data.tokenizer import decode_ids, load_tokenizer
+
+SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match")
+SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
+
+
+def read_truth(run_dir):
+    """(protocol, party, step) -> list of token-id rows, and the canary list."""
+    root = Path(run_dir) / "truth"
+    batches = {}
+    path = root / "tokens.jsonl"
+    if path.is_file():
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                batches[(rec["protocol"], rec["party"], rec["step"])] = rec["input_ids"]
+    canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
+    return batches, canaries
+
+
+def token_accuracy(pred, truth):
+    """Fraction of truth positions where ``pred`` has the same token."""
+    if not truth:
+        return 0.0
+    return sum(int(p == t) for p, t in zip(pred, truth)) / len(truth)
+
+
+def _match(recs, rows):
+    """Assign sequence reconstructions to truth rows: the attack's row when given, else
+    greedily by best token accuracy (each row at most once). -> {rec index: row}."""
+    out, used = {}, set()
+    for i, r in enumerate(recs):
+        if r.row is not None and 0 <= r.row < len(rows) and r.row not in used:
+            out[i] = r.row
+            used.add(r.row)
+    pairs = sorted(((token_accuracy(r.token_ids, rows[j]), -i, j) for i, r in enumerate(recs)
+                    if i not in out and r.row is None for j in range(len(rows)) if j not in used),
+                   reverse=True)
+    for _, neg_i, j in pairs:
+        i = -neg_i
+        if i in out or j in used:
+            continue
+        out[i] = j
+        used.add(j)
+    return out
+
+
+class Scorer:
+    """Scores reconstructions of one run; reads truth/ and public/tokenizer.json."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.batches, self.canaries = read_truth(run_dir)
+        self.tok = load_tokenizer(self.run_dir / "public" / "tokenizer.json")
+        from rouge_score import rouge_scorer
+        self.rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
+
+    def decode(self, ids):
+        return decode_ids(self.tok, ids)
+
+    def score(self, reconstructions):
+        """-> (summary dict, one dict per reconstruction with its own scores and text)."""
+        by_batch = {}
+        for r in reconstructions:
+            by_batch.setdefault(r.batch, []).append(r)
+        per_rec, rows_scored, sets_scored = [], [], []
+        canary_present = canary_found = 0
+        unknown = 0
+        for key, recs in by_batch.items():
+            rows = self.batches.get(key)
+            if rows is None:
+                unknown += 1
+                per_rec += [{**r.to_json(), "text": self.decode(r.token_ids), "matched_row": None,
+                             "note": "no such batch in truth/"} for r in recs]
+                continue
+            seqs = [r for r in recs if r.kind == "sequence"]
+            match = _match(seqs, rows)
+            row_of = {id(seqs[i]): j for i, j in match.items()}
+            secrets = " | ".join(s for r in recs for s in r.secrets)
+            truth_text = [self.decode(row) for row in rows]
+            row_entry = [None] * len(rows)
+            for r in recs:
+                entry = {**r.to_json(), "text": self.decode(r.token_ids)}
+                if r.kind == "set":
+                    entry.update(self._set_scores(r.token_ids, rows))
+                    sets_scored.append(entry)
+                else:
+                    j = row_of.get(id(r))
+                    entry["matched_row"] = j
+                    if j is not None:
+                        row_entry[j] = entry
+                        entry.update(self._seq_scores(r.token_ids, rows[j], entry["text"], truth_text[j]))
+                per_rec.append(entry)
+            if seqs:
+                rows_scored += [e or dict.fromkeys(SEQUENCE_METRICS, 0.0) for e in row_entry]
+            for c in self.canaries if seqs or secrets else ():
+                for j, text in enumerate(truth_text):
+                    if c["value"] in text:
+                        canary_present += 1
+                        pred = row_entry[j]["text"] if row_entry[j] else ""
+                        canary_found += int(c["value"] in pred or c["value"] in secrets)
+        summary = {"reconstructions": len(reconstructions), "batches": len(by_batch) - unknown,
+                   "unknown_batches": unknown}
+        if rows_scored:
+            summary["rows"] = len(rows_scored)
+            for m in SEQUENCE_METRICS:
+                summary[m] = sum(float(e[m]) for e in rows_scored) / len(rows_scored)
+        if rows_scored or any(r.secrets for r in reconstructions):
+            summary["canaries_present"] = canary_present
+            summary["canary_recovery"] = canary_found / canary_present if canary_present else None
+        if sets_scored:
+            for m in SET_METRICS:
+                summary[m] = sum(float(e[m]) for e in sets_scored) / len(sets_scored)
+        return summary, per_rec
+
+    def _seq_scores(self, pred, truth, pred_text, truth_text):
+        r = self.rouge.score(truth_text, pred_text)
+        return {"token_accuracy": token_accuracy(pred, truth),
+                "exact_match": float(list(pred) == list(truth)),
+                "rouge1": r["rouge1"].fmeasure, "rouge2": r["rouge2"].fmeasure, "rougeL": r["rougeL"].fmeasure}
+
+    @staticmethod
+    def _set_scores(pred, rows):
+        truth = {t for row in rows for t in row}
+        pred = set(pred)
+        hit = len(pred & truth)
+        return {"token_set_recall": hit / len(truth) if truth else 0.0,
+                "token_set_precision": hit / len(pred) if pred else 0.0,
+                "token_set_exact": float(pred == truth)}
+
+
+def score(run_dir, reconstructions):
+    """Convenience: ``Scorer(run_dir).score(reconstructions)``."""
+    return Scorer(run_dir).score(reconstructions)

@@ -1,0 +1,81 @@
+"""Attack speed: seconds per reconstructed sequence, each attack on one fixed capture.
+
+    python bench/attacks.py [RUN_DIR] [--attack NAME ...] [--repeats 1]
+
+Without RUN_DIR, scenarios/fedsgd-tiny.yaml (2 rounds, no baselines) is run into a
+temporary directory first.  Each attack runs ``--repeats`` times as its default observer
+with default options; the best wall time is divided by the number of sequences it
+reconstructed (for set-valued attacks such as bag-of-tokens: by the number of batches).
+Timing depends on how busy the machine is: compare numbers from one session only.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attacks import observers as obs  # noqa: E402
+from attacks.registry import attack_names, get_attack  # noqa: E402
+from attacks.runner import captured_roles  # noqa: E402
+from attacks.view import AdversaryView  # noqa: E402
+
+
+def fixed_capture(tmp):
+    from testbed.runner import run_scenario
+    from testbed.scenario import load_scenario
+    sc = load_scenario(ROOT / "scenarios" / "fedsgd-tiny.yaml", {
+        "baselines": [], "training": {"steps": 2}, "compute": {"mode": "none"}})
+    path, _ = run_scenario(sc, runs_root=Path(tmp) / "runs", base_dir=ROOT,
+                           cache_dir=Path(tmp) / "cache", progress=False)
+    return path
+
+
+def bench(run_dir, names, repeats):
+    """-> rows (attack, observer, reconstructions, best seconds, seconds per unit, unit)."""
+    import yaml
+    protocol = yaml.safe_load((Path(run_dir) / "scenario.yaml").read_text())["protocol"]["name"]
+    roles = captured_roles(run_dir, protocol)
+    AdversaryView(run_dir, "wire").init_model()  # pay the one-off transformers import outside the timings
+    rows = []
+    for name in names:
+        attack = get_attack(name)
+        if not attack.applies_to(protocol):
+            continue
+        observers = obs.default_observers(protocol, attack.kinds(protocol), roles)
+        if not observers:
+            continue
+        view = AdversaryView(run_dir, observers[0], knowledge=attack.threat_model.knowledge)
+        options = attack.resolve_options({})
+        best, recs = None, []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            recs = attack.run(view, **options)
+            dt = time.perf_counter() - t0
+            best = dt if best is None else min(best, dt)
+        seqs = [r for r in recs if r.kind == "sequence" and r.token_ids]
+        units, unit = (len(seqs), "sequence") if seqs else (len({r.batch for r in recs}), "batch")
+        rows.append((name, observers[0], len(recs), best, best / max(units, 1), unit))
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dir", nargs="?", help="a run directory (default: a fresh fedsgd-tiny run)")
+    p.add_argument("--attack", action="append", help="attack to time (repeatable; default: all)")
+    p.add_argument("--repeats", type=int, default=1)
+    args = p.parse_args(argv)
+    names = args.attack or attack_names()
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(args.run_dir) if args.run_dir else fixed_capture(tmp)
+        rows = bench(run_dir, names, args.repeats)
+    print(f"{'attack':<15}{'observer':<13}{'recs':>6}{'seconds':>10}{'s/unit':>10}  unit")
+    for name, who, n, sec, per, unit in rows:
+        print(f"{name:<15}{who:<13}{n:>6}{sec:>10.2f}{per:>10.3f}  {unit}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
