@@ -65,6 +65,7 @@ def engine_run(sc, data, init):
 
 
 def main():
+    torch.set_num_threads(int(__import__("os").environ.get("TESTBED_THREADS", "1")))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scenario", default=str(ROOT / "scenarios/quickstart.yaml"))
     ap.add_argument("--steps", type=int, default=100)
