@@ -1,0 +1,93 @@
+"""Assemble one run directory from the parts every container process wrote.
+
+Each process writes ``PARTS/<process>/``: ``metrics.jsonl`` and ``truth/tokens.jsonl``
+(every line stamped with ``_ts``, epoch seconds) and, for the scenario's protocol,
+``capture/`` -- the messages *its* roles sent, so each message is captured exactly once,
+by its sender.  The coordinator merges them into the layout of the embedded engine
+(:mod:`testbed.rundir`): metrics and truth interleaved by time, the capture ordered by
+send time (seconds since the protocol started, on the hosts' shared clock) and numbered
+afresh, tensors re-keyed ``<seq>/<name>`` into ``capture/tensors/<protocol>-step<N>``.
+"""
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from testbed.capture import CaptureWriter
+from testbed.codec import DTYPES, Message
+
+log = logging.getLogger(__name__)
+
+
+def _lines(path):
+    out = []
+    if not path.is_file():
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:   # a torn last line of a killed process
+                break
+    return out
+
+
+def _role_order(role):
+    return (0, int(role.split("-")[1]), "") if role.startswith("party-") else (1, 0, role)
+
+
+def combine_stats(stats):
+    """One protocol's statistics from every process's (the embedded engine's keys)."""
+    out = {"sim_time": max((s["sim_time"] for s in stats), default=0.0),
+           "bytes": sum(s["bytes"] for s in stats), "messages": sum(s["messages"] for s in stats),
+           "links": {}, "compute_time": {}, "modelled_compute_time": {}, "memory": {}}
+    for key in ("links", "compute_time", "modelled_compute_time", "memory"):
+        merged = {}
+        for s in stats:
+            merged.update({r: v for r, v in s.get(key, {}).items() if r in s.get("roles", ())})
+        out[key] = {r: merged[r] for r in sorted(merged, key=_role_order)}
+    return out
+
+
+def merge_parts(rundir, parts_root, scenario, phases):
+    """Write the merged metrics, truth and capture of ``parts_root`` into ``rundir``."""
+    parts = sorted(p for p in Path(parts_root).iterdir() if p.is_dir()) if Path(parts_root).is_dir() else []
+    metrics = sorted((r for p in parts for r in _lines(p / "metrics.jsonl")), key=lambda r: r["_ts"])
+    for r in metrics:
+        rundir.metric({k: v for k, v in r.items() if k != "_ts"})
+    truth = sorted((r for p in parts for r in _lines(p / "truth" / "tokens.jsonl")), key=lambda r: r["_ts"])
+    for r in truth:
+        rundir.truth(r["protocol"], r["party"], r["step"], torch.tensor(r["input_ids"], dtype=torch.int64))
+    if scenario.capture.enabled and phases:
+        _merge_capture(rundir.path / "capture", parts, phases[0], scenario.capture.tensors)
+
+
+def _merge_capture(out_dir, parts, protocol, keep_tensors):
+    entries = []
+    for p in parts:
+        for r in _lines(p / "capture" / "index.jsonl"):
+            entries.append((r["sim_time"], p.name, r["seq"], p, r))
+    entries.sort(key=lambda e: e[:3])
+    writer = CaptureWriter(out_dir, protocol, tensors=keep_tensors)
+    files, step = {}, None
+    try:
+        for _, _, _, part, r in entries:
+            if r["step"] != step:
+                files, step = {}, r["step"]   # hold one step's tensor files at a time
+            tensors = {}
+            for name, info in r["tensors"].items():
+                if r.get("file"):
+                    path = part / "capture" / r["file"]
+                    if path not in files:
+                        files[path] = load_file(str(path))
+                    tensors[name] = files[path][info["key"]]
+                else:   # capture without tensors: only dtype and shape are recorded
+                    tensors[name] = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+            msg = Message(kind=r["kind"], src=r["src"], dst=r["dst"], step=r["step"], meta=r["meta"],
+                          tensors=tensors)
+            writer.record(msg, r["bytes"], r["header_bytes"], r["sim_time"])
+    finally:
+        writer.close()
+    log.info("capture: merged %d messages from %d parts", len(entries), len(parts))
