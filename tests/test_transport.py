@@ -16,10 +16,11 @@ import types
 import pytest
 import torch
 import yaml
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from testbed import codec
 from testbed.errors import TransportError
-from testbed.transport import FRAME_OVERHEAD, Emulation, Node, frame_header
+from testbed.transport import FRAME_OVERHEAD, Emulation, Node, frame_header, verify
 
 from conftest import tiny_scenario
 
@@ -67,17 +68,22 @@ def test_good_frame_arrives_with_its_tensors(pair):
                                                     tensors={"x": torch.arange(5, dtype=torch.float32)})))
 
 
-def test_frame_layout_is_length_hmac_payload():
+def test_frame_layout_is_length_nonce_tag_payload():
     payload = b"hello"
     head = frame_header(SECRET, payload)
-    assert len(head) == FRAME_OVERHEAD == 36
+    assert len(head) == FRAME_OVERHEAD == 32
     assert head[:4] == struct.pack(">I", 5)
-    assert head[4:] == hmac.new(SECRET, payload, hashlib.sha256).digest()
+    nonce = head[4:16]
+    key = hmac.new(SECRET, b"testbed frame mac", hashlib.sha256).digest()
+    assert head[16:] == AESGCM(key).encrypt(nonce, b"", payload)   # the GMAC tag
+    assert verify(SECRET, head[4:], payload)
+    assert not verify(SECRET, head[4:], b"hellO") and not verify(b"other", head[4:], payload)
+    assert frame_header(SECRET, payload)[4:16] != nonce             # a fresh nonce per frame
 
 
-def _bad_hmac():
+def _bad_mac():
     payload = codec.encode(_msg())
-    return struct.pack(">I", len(payload)) + b"\0" * 32 + payload, False
+    return struct.pack(">I", len(payload)) + b"\0" * 28 + payload, False
 
 
 def _truncated():
@@ -95,7 +101,7 @@ def _malformed():
 
 
 @pytest.mark.parametrize("make, reason", [
-    (_bad_hmac, "bad HMAC"), (_truncated, "truncated frame"),
+    (_bad_mac, "bad MAC"), (_truncated, "truncated frame"),
     (_oversized, "exceeds the limit of"), (_malformed, "malformed message header")])
 def test_bad_frames_are_rejected_and_logged_and_the_node_keeps_serving(pair, caplog, make, reason):
     a, b, got = pair
@@ -215,7 +221,7 @@ def test_live_coordinator_rejects_bad_frames_and_the_run_goes_on(tmp_path):
     try:
         port = lb.start_coordinator()
         node = types.SimpleNamespace(port=port)
-        for make in (_bad_hmac, _truncated, _oversized):
+        for make in (_bad_mac, _truncated, _oversized):
             data, half_close = make()
             _raw(node, data, half_close)
         lb.start_parties()
@@ -227,6 +233,6 @@ def test_live_coordinator_rejects_bad_frames_and_the_run_goes_on(tmp_path):
     rejections = [line for line in out.splitlines()
                   if "rejected a frame from unauthenticated peer at 127.0.0.1" in line]
     assert len(rejections) == 3, out
-    for reason, line in zip(("bad HMAC", "truncated frame", "exceeds the limit"), rejections):
+    for reason, line in zip(("bad MAC", "truncated frame", "exceeds the limit"), rejections):
         assert reason in line
     assert (lb.run_dir / "summary.json").exists()

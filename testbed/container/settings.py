@@ -4,7 +4,7 @@
 variable           meaning                                                     default
 =================  ==========================================================  ==================
 SCENARIO           scenario YAML (a path inside the container)                 required
-RUN_SECRET         the run's HMAC key (coordinator and parties)                required
+RUN_SECRET         the run's MAC key (coordinator and parties)                 required
 RUN_NAME           run directory name (coordinator)                            <scenario>-<time>
 DATA_DIR           prepared data: public/, truth/, party-<i>/                  /data
 RESULTS_DIR        where the coordinator writes the run directory              /results
@@ -96,7 +96,7 @@ def from_env(env=None, need_secret=True):
     if not env.get("SCENARIO"):
         problems.append("SCENARIO: required (path of the scenario YAML inside the container)")
     if need_secret and not env.get("RUN_SECRET"):
-        problems.append("RUN_SECRET: required (the run's shared HMAC key)")
+        problems.append("RUN_SECRET: required (the run's shared message-authentication key)")
     coordinator = ("coordinator", DEFAULT_PORT)
     if env.get("COORDINATOR"):
         try:
