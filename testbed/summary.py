@@ -24,7 +24,9 @@ def summarize(scenario, run_path, results):
             "sim_time": stats["sim_time"], "bytes": stats["bytes"], "messages": stats["messages"],
             "peak_memory": {r: m["peak"] for r, m in mem.items()},
             "memory": mem,
-            "max_party_peak": max((m["peak"] for r, m in mem.items()), default=0),
+            # the largest party's peak; protocols with no party roles (centralized) use all roles
+            "max_party_peak": max((m["peak"] for r, m in mem.items() if r.startswith("party-")),
+                                  default=max((m["peak"] for m in mem.values()), default=0)),
         }
     protos = out["protocols"]
     if "centralized" in protos:
