@@ -11,6 +11,11 @@ ATTACKS = {
     "bag-of-tokens": "bag_of_tokens",
     "dager": "dager",
     "tag": "tag",
+    "embedding-nn": "embedding_nn",
+    "whitebox-inversion": "whitebox_inversion",
+    "learned-inverter": "learned_inverter",
+    "lora-m-recovery": "lora_m_recovery",
+    "routing-trace": "routing_trace",
 }
 
 

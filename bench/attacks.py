@@ -3,7 +3,9 @@
     python bench/attacks.py [RUN_DIR] [--attack NAME ...] [--repeats 1]
 
 Without RUN_DIR, scenarios/fedsgd-tiny.yaml (2 rounds, no baselines) is run into a
-temporary directory first.  Each attack runs ``--repeats`` times as its default observer
+temporary directory first -- and, for the attacks on other protocols' traffic, the fixed
+capture of :data:`CAPTURES` of the protocol they target (split-tiny, privatelora-tiny,
+pcmoe-tiny, a few steps each).  Each attack runs ``--repeats`` times as its default observer
 with default options; the best wall time is divided by the number of sequences it
 reconstructed (for set-valued attacks such as bag-of-tokens: by the number of batches).
 Timing depends on how busy the machine is: compare numbers from one session only.
@@ -23,14 +25,26 @@ from attacks.runner import captured_roles  # noqa: E402
 from attacks.view import AdversaryView  # noqa: E402
 
 
-def fixed_capture(tmp):
+# protocol -> (scenario, steps) of the fixed capture its attacks are timed on
+CAPTURES = {"fedsgd": ("fedsgd-tiny.yaml", 2), "split": ("split-tiny.yaml", 2),
+            "privatelora": ("privatelora-tiny.yaml", 3), "pcmoe": ("pcmoe-tiny.yaml", 2)}
+
+
+def fixed_capture(tmp, protocol="fedsgd"):
     from testbed.runner import run_scenario
     from testbed.scenario import load_scenario
-    sc = load_scenario(ROOT / "scenarios" / "fedsgd-tiny.yaml", {
-        "baselines": [], "training": {"steps": 2}, "compute": {"mode": "none"}})
-    path, _ = run_scenario(sc, runs_root=Path(tmp) / "runs", base_dir=ROOT,
+    scenario, steps = CAPTURES[protocol]
+    sc = load_scenario(ROOT / "scenarios" / scenario, {
+        "baselines": [], "training": {"steps": steps}, "compute": {"mode": "none"}})
+    path, _ = run_scenario(sc, runs_root=Path(tmp) / protocol / "runs", base_dir=ROOT,
                            cache_dir=Path(tmp) / "cache", progress=False)
     return path
+
+
+def capture_protocols(names):
+    """The protocols of :data:`CAPTURES` the attacks ``names`` target, in table order."""
+    wanted = {p for n in names for p in get_attack(n).targets}
+    return [p for p in CAPTURES if p in wanted]
 
 
 def bench(run_dir, names, repeats):
@@ -69,11 +83,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     names = args.attack or attack_names()
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(args.run_dir) if args.run_dir else fixed_capture(tmp)
-        rows = bench(run_dir, names, args.repeats)
-    print(f"{'attack':<15}{'observer':<13}{'recs':>6}{'seconds':>10}{'s/unit':>10}  unit")
-    for name, who, n, sec, per, unit in rows:
-        print(f"{name:<15}{who:<13}{n:>6}{sec:>10.2f}{per:>10.3f}  {unit}")
+        if args.run_dir:
+            rows = [("-", row) for row in bench(Path(args.run_dir), names, args.repeats)]
+        else:
+            rows = [(protocol, row) for protocol in capture_protocols(names)
+                    for row in bench(fixed_capture(tmp, protocol), names, args.repeats)]
+    print(f"{'attack':<20}{'capture':<13}{'observer':<13}{'recs':>6}{'seconds':>10}{'s/unit':>10}  unit")
+    for protocol, (name, who, n, sec, per, unit) in rows:
+        print(f"{name:<20}{protocol:<13}{who:<13}{n:>6}{sec:>10.2f}{per:>10.3f}  {unit}")
     return 0
 
 
