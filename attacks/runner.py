@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from testbed.errors import ConfigError
+from testbed.rundir import iter_jsonl
 
 from . import observers as obs
 from .registry import get_attack
@@ -66,16 +67,10 @@ def parse_specs(specs, where="attacks"):
 
 def captured_roles(run_path, protocol):
     """Every role that sent or received a captured message of ``protocol``."""
-    roles, path = set(), Path(run_path) / "capture" / "index.jsonl"
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if rec.get("protocol") == protocol:
-                    roles.update((rec["src"], rec["dst"]))
+    roles = set()
+    for rec in iter_jsonl(Path(run_path) / "capture" / "index.jsonl"):
+        if rec.get("protocol") == protocol:
+            roles.update((rec["src"], rec["dst"]))
     return roles
 
 

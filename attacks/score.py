@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from parties.data.tokenizer import decode_ids, load_tokenizer
+from testbed.rundir import iter_jsonl
 
 SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match")
 SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
@@ -28,16 +29,8 @@ SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
 def read_truth(run_dir):
     """(protocol, party, step) -> list of token-id rows, and the canary list."""
     root = Path(run_dir) / "truth"
-    batches = {}
-    path = root / "tokens.jsonl"
-    if path.is_file():
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                batches[(rec["protocol"], rec["party"], rec["step"])] = rec["input_ids"]
+    batches = {(rec["protocol"], rec["party"], rec["step"]): rec["input_ids"]
+               for rec in iter_jsonl(root / "tokens.jsonl")}
     canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
     return batches, canaries
 

@@ -114,3 +114,37 @@ def eval_records(ctx, model, role, step, parties=None):
 
 def is_eval_step(step, training):
     return (step + 1) % training.eval_every == 0 or step + 1 == training.steps
+
+
+def train_step(model, opt, mem, ids):
+    """One optimizer step on ``ids`` with memory accounting; returns the loss."""
+    with mem.activations_scope():
+        loss = lm_loss(model, ids)
+    loss.backward()
+    opt.step()
+    mem.update_state()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,
+                     eval_base=False):
+    """Generator: the plain training loop of a protocol that trains on one site.
+
+    ``sample()`` returns the next batch of token ids; ``truth_party`` (when the batch is one
+    party's private data) gets a truth record per step; evaluation is on ``eval_parties``
+    (default: every party), also before training when ``eval_base``."""
+    tr, mem = ctx.training, ctx.tracker(role)
+    mem.attach([model], [opt])
+    party = truth_party or role
+    if eval_base:
+        yield from eval_records(ctx, model, role, -1, parties=eval_parties)
+    for step in range(tr.steps):
+        ids = sample().to(ctx.device)
+        if truth_party:
+            ctx.record_truth(truth_party, step, ids)
+        loss = train_step(model, opt, mem, ids)
+        yield Log({"event": "train", "role": role, "party": party, "step": step, "loss": loss,
+                   "tokens": ids.numel()})
+        if is_eval_step(step, tr):
+            yield from eval_records(ctx, model, role, step, parties=eval_parties)

@@ -6,9 +6,7 @@ the parties' training sets; evaluation reports the loss on every party's held-ou
 """
 import torch
 
-from testbed.effects import Log
-
-from .base import Protocol, eval_records, is_eval_step, lm_loss, make_optimizer
+from .base import Protocol, make_optimizer, single_site_loop
 
 
 class Centralized(Protocol):
@@ -25,24 +23,11 @@ class Centralized(Protocol):
         ctx, tr = self.ctx, self.ctx.training
         model = ctx.build_model().to(ctx.device)
         model.train()
-        opt = make_optimizer(model.parameters(), tr)
-        mem = ctx.tracker("site")
-        mem.attach([model], [opt])
         gen = ctx.generator("site")
         pool = torch.cat([p.train for p in ctx.parties])
-        for step in range(tr.steps):
-            idx = torch.randint(len(pool), (tr.batch_size,), generator=gen)
-            ids = pool[idx].to(ctx.device)
-            with mem.activations_scope():
-                loss = lm_loss(model, ids)
-            loss.backward()
-            opt.step()
-            mem.update_state()
-            opt.zero_grad(set_to_none=True)
-            yield Log({"event": "train", "role": "site", "party": "site", "step": step,
-                       "loss": loss.item(), "tokens": ids.numel()})
-            if is_eval_step(step, tr):
-                yield from eval_records(ctx, model, "site", step)
+        yield from single_site_loop(
+            ctx, "site", model, make_optimizer(model.parameters(), tr),
+            lambda: pool[torch.randint(len(pool), (tr.batch_size,), generator=gen)])
 
 
 PROTOCOL = Centralized

@@ -3,9 +3,7 @@
 The quality lower bound: no collaboration, nothing on the wire.  Each party runs
 ``training.steps`` steps on its own data and is evaluated on its own held-out set.
 """
-from testbed.effects import Log
-
-from .base import Protocol, eval_records, is_eval_step, lm_loss, make_optimizer, party_name
+from .base import Protocol, make_optimizer, party_name, single_site_loop
 
 
 class Local(Protocol):
@@ -21,24 +19,10 @@ class Local(Protocol):
         ctx, tr, me = self.ctx, self.ctx.training, party_name(i)
         model = ctx.build_model().to(ctx.device)
         model.train()
-        opt = make_optimizer(model.parameters(), tr)
-        mem = ctx.tracker(me)
-        mem.attach([model], [opt])
-        gen = ctx.generator(me)
-        data = ctx.parties[i]
-        for step in range(tr.steps):
-            ids = data.sample(tr.batch_size, gen).to(ctx.device)
-            ctx.record_truth(me, step, ids)
-            with mem.activations_scope():
-                loss = lm_loss(model, ids)
-            loss.backward()
-            opt.step()
-            mem.update_state()
-            opt.zero_grad(set_to_none=True)
-            yield Log({"event": "train", "role": me, "party": me, "step": step,
-                       "loss": loss.item(), "tokens": ids.numel()})
-            if is_eval_step(step, tr):
-                yield from eval_records(ctx, model, me, step, parties=[i])
+        gen, data = ctx.generator(me), ctx.parties[i]
+        yield from single_site_loop(
+            ctx, me, model, make_optimizer(model.parameters(), tr),
+            lambda: data.sample(tr.batch_size, gen), eval_parties=[i], truth_party=me)
 
 
 PROTOCOL = Local

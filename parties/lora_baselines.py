@@ -26,7 +26,8 @@ from peft import LoraConfig, get_peft_model
 from testbed.codec import Message
 from testbed.effects import Log, Recv, Send
 
-from .base import Protocol, eval_loss, eval_records, is_eval_step, lm_loss, make_optimizer, party_name
+from .base import (Protocol, eval_loss, is_eval_step, make_optimizer, party_name, single_site_loop,
+                   train_step)
 from .privatelora_wire import family_options, parse_options
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
@@ -35,17 +36,6 @@ TARGETS = ["q_proj", "k_proj", "v_proj"]
 def lora_config(opts):
     return LoraConfig(r=opts.r_c2d, lora_alpha=opts.lora_alpha or 2 * opts.r_c2d,
                       target_modules=TARGETS, lora_dropout=0.0, bias="none")
-
-
-def train_step(model, opt, mem, ids):
-    """One optimizer step on ``ids``; returns the loss."""
-    with mem.activations_scope():
-        loss = lm_loss(model, ids)
-    loss.backward()
-    opt.step()
-    mem.update_state()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 class _LoraBase(Protocol):
@@ -75,20 +65,12 @@ class Lora(_LoraBase):
     def site(self):
         ctx, tr = self.ctx, self.ctx.training
         model = self._peft_model()
-        opt = make_optimizer(model.parameters(), tr)
-        mem = ctx.tracker("site")
-        mem.attach([model], [opt])
         gen = ctx.generator("site")
         pool = torch.cat([p.train for p in ctx.parties])
-        if self.opts.eval_base:
-            yield from eval_records(ctx, model, "site", -1)
-        for step in range(tr.steps):
-            ids = pool[torch.randint(len(pool), (tr.batch_size,), generator=gen)].to(ctx.device)
-            loss = train_step(model, opt, mem, ids)
-            yield Log({"event": "train", "role": "site", "party": "site", "step": step, "loss": loss,
-                       "tokens": ids.numel()})
-            if is_eval_step(step, tr):
-                yield from eval_records(ctx, model, "site", step)
+        yield from single_site_loop(
+            ctx, "site", model, make_optimizer(model.parameters(), tr),
+            lambda: pool[torch.randint(len(pool), (tr.batch_size,), generator=gen)],
+            eval_base=self.opts.eval_base)
 
 
 class DeviceOnly(_LoraBase):
@@ -105,20 +87,11 @@ class DeviceOnly(_LoraBase):
     def device(self, i):
         ctx, tr, me = self.ctx, self.ctx.training, party_name(i)
         model = self._peft_model()
-        opt = make_optimizer(model.parameters(), tr)
-        mem = ctx.tracker(me)
-        mem.attach([model], [opt])
         gen, data = ctx.generator(me), ctx.parties[i]
-        if self.opts.eval_base:
-            yield from eval_records(ctx, model, me, -1, parties=[i])
-        for step in range(tr.steps):
-            ids = data.sample(tr.batch_size, gen).to(ctx.device)
-            ctx.record_truth(me, step, ids)
-            loss = train_step(model, opt, mem, ids)
-            yield Log({"event": "train", "role": me, "party": me, "step": step, "loss": loss,
-                       "tokens": ids.numel()})
-            if is_eval_step(step, tr):
-                yield from eval_records(ctx, model, me, step, parties=[i])
+        yield from single_site_loop(
+            ctx, me, model, make_optimizer(model.parameters(), tr),
+            lambda: data.sample(tr.batch_size, gen), eval_parties=[i], truth_party=me,
+            eval_base=self.opts.eval_base)
 
 
 class CloudOnly(_LoraBase):

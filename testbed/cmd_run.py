@@ -18,12 +18,17 @@ def _override(pairs):
     return out
 
 
-def add_run_arguments(p):
+def add_scenario_arguments(p):
+    """Arguments every command that runs one scenario takes (run, up)."""
     p.add_argument("scenario", help="scenario YAML file")
     p.add_argument("--runs", default="runs", help="where run directories go (default: runs/)")
     p.add_argument("--name", help="run directory name (default: <scenario>-<timestamp>)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a scenario key, e.g. --set training.steps=10 (repeatable)")
+
+
+def add_run_arguments(p):
+    add_scenario_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 

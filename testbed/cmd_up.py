@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from .cmd_run import _override
+from .cmd_run import _override, add_scenario_arguments
 from .container.settings import ABORTED
 from .errors import TestbedError, fmt_bytes
 from .scenario import load_scenario
@@ -54,11 +54,7 @@ class ContainerRunFailed(TestbedError):
 
 
 def add_up_arguments(p):
-    p.add_argument("scenario", help="scenario YAML file")
-    p.add_argument("--runs", default="runs", help="where run directories go (default: runs/)")
-    p.add_argument("--name", help="run directory name (default: <scenario>-<timestamp>)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a scenario key, e.g. --set training.steps=10 (repeatable)")
+    add_scenario_arguments(p)
     p.add_argument("--image", default=os.environ.get("TESTBED_IMAGE", "collab-testbed:latest"))
     p.add_argument("--no-build", action="store_true", help="use the image as it is")
     p.add_argument("--gpu", action="store_true", help="reserve a GPU per container (nvidia runtime)")

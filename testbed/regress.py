@@ -34,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from .errors import ConfigError, TestbedError
+from .scenario import deep_merge, read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +131,7 @@ def validate_baseline(data, path):
 def load_baseline(path=DEFAULT_BASELINE):
     """Read and validate a baseline file."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(path, ["file not found"]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+    data = read_yaml(path)
     validate_baseline(data, path)
     return data
 
@@ -251,17 +247,14 @@ def run_regress(baseline_path=DEFAULT_BASELINE, overrides=None, only=None, runs_
 
 def _overrides(items):
     """['ID:KEY=VALUE'] -> {ID: {KEY: value}} (dotted keys nest; values parsed as YAML)."""
+    from .cmd_run import _override
     out = {}
     for item in items or []:
         sid, colon, rest = item.partition(":")
-        key, eq, raw = rest.partition("=")
+        key, eq, _ = rest.partition("=")
         if not colon or not eq or not key:
             raise ConfigError("--set", [f"{item!r}: expected SCENARIO_ID:KEY=VALUE"])
-        cur = out.setdefault(sid, {})
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = yaml.safe_load(raw)
+        out[sid] = deep_merge(out.get(sid, {}), _override([rest]))
     return out
 
 

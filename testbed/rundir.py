@@ -95,13 +95,20 @@ class RunDir:
         self.update_manifest(status=status, error=error, end=_now())
 
 
-def read_metrics(path):
-    """All records of a run directory's metrics.jsonl (a torn last line is skipped)."""
-    out = []
-    with open(Path(path) / "metrics.jsonl") as f:
+def iter_jsonl(path):
+    """Records of a JSON-lines file written incrementally; stops at a torn last line (a
+    crash mid-write) and yields nothing for a missing file."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path) as f:
         for line in f:
             try:
-                out.append(json.loads(line))
+                yield json.loads(line)
             except json.JSONDecodeError:
-                break
-    return out
+                return
+
+
+def read_metrics(path):
+    """All records of a run directory's metrics.jsonl (a torn last line is skipped)."""
+    return list(iter_jsonl(Path(path) / "metrics.jsonl"))

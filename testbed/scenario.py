@@ -284,15 +284,21 @@ def parse_scenario(data, path="<scenario>"):
     return sc
 
 
-def load_scenario(path, overrides=None):
-    """Read and validate a scenario YAML file. ``overrides`` is a dict merged on top."""
+def read_yaml(path):
+    """A YAML file's data; ConfigError naming the file when it is missing or not YAML."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(path, ["file not found"]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+
+
+def load_scenario(path, overrides=None):
+    """Read and validate a scenario YAML file. ``overrides`` is a dict merged on top."""
+    path = Path(path)
+    data = read_yaml(path)
     if overrides:
         data = deep_merge(data or {}, overrides)
     return parse_scenario(data, path)

@@ -140,7 +140,7 @@ def _same_run(embedded, containers):
         assert [fields(r) for r in cc if r["src"] == src] == [fields(r) for r in ce if r["src"] == src]
 
     def losses(path, event, key):
-        return {(r["party"], r["step"]): r[key] for r in read_metrics(path) if r.get("event") == event}
+        return {(r["protocol"], r["party"], r["step"]): r[key] for r in read_metrics(path) if r.get("event") == event}
     for event, key in (("train", "loss"), ("eval", "eval_loss")):
         le, lc = losses(embedded, event, key), losses(containers, event, key)
         assert le and set(le) == set(lc)

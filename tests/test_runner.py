@@ -83,8 +83,8 @@ def test_budget_warn_mode_finishes(run_tiny, caplog):
 
 
 def test_crash_leaves_readable_run_directory(run_tiny, monkeypatch):
-    import parties.local as local
-    real = local.lm_loss
+    import parties.base as base
+    real = base.lm_loss
     calls = {"n": 0}
 
     def flaky(model, ids):
@@ -93,7 +93,7 @@ def test_crash_leaves_readable_run_directory(run_tiny, monkeypatch):
             raise RuntimeError("simulated crash")
         return real(model, ids)
 
-    monkeypatch.setattr(local, "lm_loss", flaky)
+    monkeypatch.setattr(base, "lm_loss", flaky)
     with pytest.raises(RuntimeError, match="simulated crash") as exc:
         run_tiny()
     run = exc.value.run_dir

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from testbed.errors import ConfigError
+from testbed.rundir import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -106,24 +107,16 @@ def _json(path):
 def _traffic(path):
     """Per-protocol aggregates of ``capture/index.jsonl``, streamed (it can be large)."""
     out = {}
-    index = path / "capture" / "index.jsonl"
-    if not index.is_file():
-        return out
-    with open(index) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            t = out.setdefault(rec.get("protocol", "?"), Traffic())
-            n = int(rec.get("bytes") or 0)
-            t.messages += 1
-            t.bytes += n
-            t.by_step[rec.get("step", -1)] += n
-            for agg, key in ((t.by_link, (rec.get("src", "?"), rec.get("dst", "?"))),
-                             (t.by_kind, rec.get("kind", "?"))):
-                agg[key][0] += 1
-                agg[key][1] += n
+    for rec in iter_jsonl(path / "capture" / "index.jsonl"):
+        t = out.setdefault(rec.get("protocol", "?"), Traffic())
+        n = int(rec.get("bytes") or 0)
+        t.messages += 1
+        t.bytes += n
+        t.by_step[rec.get("step", -1)] += n
+        for agg, key in ((t.by_link, (rec.get("src", "?"), rec.get("dst", "?"))),
+                         (t.by_kind, rec.get("kind", "?"))):
+            agg[key][0] += 1
+            agg[key][1] += n
     return out
 
 
