@@ -46,8 +46,10 @@ import logging
 import torch
 from torch import nn
 
+from parties.base import make_optimizer
 from parties.lowrank import PROJECTIONS
 from testbed.errors import ConfigError
+from testbed.scenario import TrainingCfg
 
 from .base import Attack, ThreatModel
 from .inversion_common import (Capture, attacker_model, attention_inputs, aux_rows, batched, captures,
@@ -82,7 +84,7 @@ class Inverter(nn.Module):
         return self.out(self.mix(h))
 
 
-def train_inverter(feats, labels, vocab, arch="mlp", hidden=256, epochs=20, lr=2e-3, noise=0.0,
+def train_inverter(feats, labels, vocab, arch="mlp", hidden=256, epochs=8, lr=2e-3, noise=0.0,
                    batch=256, seed=0):
     """Fit an :class:`Inverter` on ``feats`` ([N, F] for ``mlp``, [N, T, F] for
     ``transformer``) and ``labels`` ([N] / [N, T]); returns it in eval mode with the
@@ -127,8 +129,6 @@ def simulated_training(model, aux, training, steps, seed=0):
     ``training`` -- the public config's section).  A stand-in for the drift of the
     victim's layers away from the checkpoint while it trains on private text of the
     same domain; ``0`` is the checkpoint itself."""
-    from parties.base import make_optimizer
-    from testbed.scenario import TrainingCfg
     cfg = TrainingCfg(**training)
     work = copy.deepcopy(model).train()
     work.requires_grad_(True)

@@ -2,10 +2,17 @@
 
 Threat model: the split-learning server sees each party's cut-layer activations
 ``act`` [B, T, H] and knows the weights that produced them: the party's bottom
-(embeddings + blocks ``0 .. cut-1``) is the shared starting checkpoint -- exact at step 0
-and whenever the party-side layers are frozen, an approximation that degrades as the
-party trains them.  The attacker runs its copy of the bottom on candidate inputs and
-keeps those whose activation matches the captured one (cosine similarity).
+(embeddings + blocks ``0 .. cut-1``) starts as the shared checkpoint, and the server can
+keep track of it while the party trains -- each party update is the gradient the server
+itself sent back (``grad``), pushed through the bottom on the batch just recovered and
+stepped with the public optimizer settings (``replay``, :class:`BottomReplay`).  Without
+replay the bottom is known exactly only at step 0 or when the party-side layers are
+frozen.  The attacker runs its copy of the bottom on candidate inputs and keeps those
+whose activation matches the captured one (cosine similarity).
+
+Measured (greedy): exact on split-tiny cut 1 and 2 with the pre-trained PrivateLoRA base
+as checkpoint over 20 steps with replay; without replay 0.95 (cut 1) and 0.74 (cut 2) as
+the party's layers drift.  ``optimize`` reaches ~0.94 / ~0.56 there on the first steps.
 
 Two methods (``method``):
 
@@ -34,7 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from parties import layers as L
+from parties.base import make_optimizer
 from testbed.errors import ConfigError
+from testbed.scenario import TrainingCfg
 
 from .base import Attack, ThreatModel
 from .inversion_common import (attacker_model, batched, candidate_ids, captures, received,
@@ -99,13 +108,10 @@ class BottomReplay:
     """
 
     def __init__(self, view, model, cut):
-        from parties.base import make_optimizer
-        from testbed.scenario import TrainingCfg
         cfg = view.config()
         self.cut, self.parties = cut, {}
         self.grads = {(m.dst, m.step): m for m in view.messages(kind="grad")}
         self.training = TrainingCfg(**cfg["training"])
-        self._make_optimizer = make_optimizer
         self._base = model
         sync = cfg["protocol"].get("options", {}).get("sync", "none")
         dp = [d for d in cfg["defences"] if d.get("type") == "dp_sgd"]
@@ -120,7 +126,7 @@ class BottomReplay:
         if party not in self.parties:
             m = L.keep_only(copy.deepcopy(self._base), embed=True, blocks=range(self.cut))
             m.requires_grad_(True)
-            self.parties[party] = (m, self._make_optimizer(m.parameters(), self.training))
+            self.parties[party] = (m, make_optimizer(m.parameters(), self.training))
         return self.parties[party][0]
 
     def update(self, party, step, ids):
@@ -143,13 +149,13 @@ class WhiteboxInversion(Attack):
     threat_model = ThreatModel(
         observers=("server", "wire"),
         knowledge=frozenset({"config", "tokenizer", "init_model"}),
-        summary="split-learning server that knows the party's bottom layers (the starting "
-                "checkpoint: exact at step 0 or with frozen party-side layers)")
+        summary="split-learning server that knows the party's bottom layers: the starting checkpoint, "
+                "tracked through the party's updates from the gradients the server sends back")
     targets = {"split": ("act",)}
-    options = {"method": "greedy", "replay": True, "iters": 300, "lr": 0.1, "temperature": 1.0,
+    options = {"method": "greedy", "replay": True, "iters": 300, "lr": 0.05, "temperature": 0.1,
                "seed": 0, "threads": 1, "steps": None, "max_batches": 0}
 
-    def run(self, view, method="greedy", replay=True, iters=300, lr=0.1, temperature=1.0, seed=0,
+    def run(self, view, method="greedy", replay=True, iters=300, lr=0.05, temperature=0.1, seed=0,
             threads=1, steps=None, max_batches=0):
         """``method``: ``greedy`` or ``optimize`` (``iters``, ``lr``, ``temperature``, ``seed``
         apply to it); ``replay``: track each party's bottom through its updates
