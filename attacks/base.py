@@ -50,6 +50,14 @@ class ThreatModel:
                 "summary": self.summary}
 
 
+# The FedSGD aggregator of the gradient-inversion papers (DAGER, TAG, LAMP).
+FEDSGD_AGGREGATOR = ThreatModel(
+    observers=("coordinator", "wire"),
+    knowledge=frozenset({"config", "init_model"}),
+    summary="honest-but-curious aggregator: sees each party's gradient, knows the weights "
+            "it was computed at (starting checkpoint + broadcast updates) and the batch shape")
+
+
 @dataclass
 class Reconstruction:
     """One reconstructed private input, as the attack reports it.

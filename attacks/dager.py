@@ -59,7 +59,7 @@ import torch
 from parties.models import is_moe
 
 from .bag_of_tokens import GradientBatch, StepWeights, gradient_batches, param_name
-from .base import Attack, Reconstruction, ThreatModel
+from .base import FEDSGD_AGGREGATOR, Attack, Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -253,11 +253,7 @@ class Dager(Attack):
     """Exact span-check inversion of FedSGD gradients (Petrov et al., NeurIPS 2024)."""
 
     name = "dager"
-    threat_model = ThreatModel(
-        observers=("coordinator", "wire"),
-        knowledge=frozenset({"config", "init_model"}),
-        summary="honest-but-curious aggregator: sees each party's gradient, knows the weights "
-                "it was computed at (starting checkpoint + broadcast updates) and the batch shape")
+    threat_model = FEDSGD_AGGREGATOR
     targets = {"fedsgd": ("grad",)}
     options = {"rank_tol": 0.0, "span_tol": 1e-4, "beam": 64, "length": 0,
                "steps": None, "max_batches": 0}

@@ -46,7 +46,7 @@ from parties.models import is_moe
 from testbed.errors import ConfigError
 
 from .bag_of_tokens import StepWeights, gradient_batches, param_name, token_bag
-from .base import Attack, Reconstruction, ThreatModel
+from .base import FEDSGD_AGGREGATOR, Attack, Reconstruction
 
 log = logging.getLogger(__name__)
 
@@ -184,11 +184,7 @@ class Tag(Attack):
     """Gradient matching on continuous inputs, then projection and reordering."""
 
     name = "tag"
-    threat_model = ThreatModel(
-        observers=("coordinator", "wire"),
-        knowledge=frozenset({"config", "init_model"}),
-        summary="honest-but-curious aggregator: sees each party's gradient, knows the weights "
-                "it was computed at (starting checkpoint + broadcast updates) and the batch shape")
+    threat_model = FEDSGD_AGGREGATOR
     targets = {"fedsgd": ("grad",)}
     options = {"iters": 200, "lr": 0.1, "alpha": 0.01, "embeddings": "mixture", "reorder": 200,
                "bag_rel_tol": 0.0, "seed": 0, "threads": 1, "steps": [0], "max_batches": 0}

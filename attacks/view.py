@@ -15,7 +15,6 @@ model does not grant raises :class:`ThreatModelError`.
         g = msg.tensor("model.embed_tokens.weight")
 """
 import copy
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ import yaml
 from safetensors import safe_open
 
 from testbed.errors import TestbedError
+from testbed.rundir import iter_jsonl
 
 from .base import KNOWLEDGE
 
@@ -144,24 +144,16 @@ class AdversaryView:
         return self._root / rel
 
     def _read_index(self):
-        path = self._public_path("capture/index.jsonl")
         out = []
-        if not path.is_file():
-            return out
-        with open(path) as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a torn last line after a crash
-                    break
-                if rec.get("protocol") != self.protocol:
-                    continue
-                file = self._public_path(Path("capture") / rec["file"]) if rec.get("file") else None
-                out.append(CapturedMessage(
-                    seq=rec["seq"], protocol=rec["protocol"], step=rec["step"], src=rec["src"],
-                    dst=rec["dst"], kind=rec["kind"], meta=rec.get("meta") or {},
-                    bytes=rec.get("bytes", 0), specs=rec.get("tensors") or {}, file=file,
-                    _store=self._store))
+        for rec in iter_jsonl(self._public_path("capture/index.jsonl")):
+            if rec.get("protocol") != self.protocol:
+                continue
+            file = self._public_path(Path("capture") / rec["file"]) if rec.get("file") else None
+            out.append(CapturedMessage(
+                seq=rec["seq"], protocol=rec["protocol"], step=rec["step"], src=rec["src"],
+                dst=rec["dst"], kind=rec["kind"], meta=rec.get("meta") or {},
+                bytes=rec.get("bytes", 0), specs=rec.get("tensors") or {}, file=file,
+                _store=self._store))
         return out
 
     def messages(self, kind=None, src=None, dst=None, step=None, **meta):

@@ -8,7 +8,6 @@ by its sender.  The coordinator merges them into the layout of the embedded engi
 send time (seconds since the protocol started, on the hosts' shared clock) and numbered
 afresh, tensors re-keyed ``<seq>/<name>`` into ``capture/tensors/<protocol>-step<N>``.
 """
-import json
 import logging
 from pathlib import Path
 
@@ -17,21 +16,14 @@ from safetensors.torch import load_file
 
 from testbed.capture import CaptureWriter
 from testbed.codec import DTYPES, Message
+from testbed.rundir import iter_jsonl
+
 
 log = logging.getLogger(__name__)
 
 
 def _lines(path):
-    out = []
-    if not path.is_file():
-        return out
-    with open(path) as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:   # a torn last line of a killed process
-                break
-    return out
+    return list(iter_jsonl(path))   # stops at a torn last line of a killed process
 
 
 def _role_order(role):
