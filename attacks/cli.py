@@ -12,12 +12,11 @@ error's code (2 bad config or arguments).
 """
 import argparse
 import json
-import logging
-import sys
 
 import yaml
 
-from testbed.errors import ConfigError, TestbedError
+from testbed.cli import run_command
+from testbed.errors import ConfigError
 
 from .registry import attack_names, get_attack
 from .runner import format_table, run_attacks
@@ -80,13 +79,4 @@ def main(argv=None):
     p = sub.add_parser("list", help="list the registered attacks")
     p.set_defaults(func=main_list)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args) or 0
-    except TestbedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args, usage_errors=(ValueError, FileNotFoundError))

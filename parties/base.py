@@ -127,6 +127,14 @@ def train_step(model, opt, mem, ids):
     return loss.item()
 
 
+def pooled_sampler(ctx, gen):
+    """-> sample(): a batch drawn with ``gen`` from every party's training rows pooled (a site
+    that holds all the data: centralized training, pooled LoRA)."""
+    pool = torch.cat([p.train for p in ctx.parties])
+    size = ctx.training.batch_size
+    return lambda: pool[torch.randint(len(pool), (size,), generator=gen)]
+
+
 def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,
                      eval_base=False):
     """Generator: the plain training loop of a protocol that trains on one site.

@@ -4,9 +4,8 @@ The quality upper bound (and the privacy floor: nothing crosses a wire because a
 data was handed to one place).  Each step trains on one batch drawn from the union of
 the parties' training sets; evaluation reports the loss on every party's held-out set.
 """
-import torch
 
-from .base import Protocol, make_optimizer, single_site_loop
+from .base import Protocol, make_optimizer, pooled_sampler, single_site_loop
 
 
 class Centralized(Protocol):
@@ -23,11 +22,9 @@ class Centralized(Protocol):
         ctx, tr = self.ctx, self.ctx.training
         model = ctx.build_model().to(ctx.device)
         model.train()
-        gen = ctx.generator("site")
-        pool = torch.cat([p.train for p in ctx.parties])
         yield from single_site_loop(
             ctx, "site", model, make_optimizer(model.parameters(), tr),
-            lambda: pool[torch.randint(len(pool), (tr.batch_size,), generator=gen)])
+            pooled_sampler(ctx, ctx.generator("site")))
 
 
 PROTOCOL = Centralized

@@ -20,13 +20,13 @@ at step -1.  As baselines of a PrivateLoRA scenario they read its ``protocol.opt
 """
 import warnings
 
-import torch
 from peft import LoraConfig, get_peft_model
 
 from testbed.codec import Message
 from testbed.effects import Log, Recv, Send
 
-from .base import (Protocol, eval_loss, is_eval_step, make_optimizer, party_name, single_site_loop,
+from .base import (Protocol, eval_loss, is_eval_step, make_optimizer, party_name, pooled_sampler,
+                   single_site_loop,
                    train_step)
 from .privatelora_wire import family_options, parse_options
 
@@ -65,11 +65,9 @@ class Lora(_LoraBase):
     def site(self):
         ctx, tr = self.ctx, self.ctx.training
         model = self._peft_model()
-        gen = ctx.generator("site")
-        pool = torch.cat([p.train for p in ctx.parties])
         yield from single_site_loop(
             ctx, "site", model, make_optimizer(model.parameters(), tr),
-            lambda: pool[torch.randint(len(pool), (tr.batch_size,), generator=gen)],
+            pooled_sampler(ctx, ctx.generator("site")),
             eval_base=self.opts.eval_base)
 
 

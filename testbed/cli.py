@@ -52,6 +52,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads > 0 and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(args.threads)
+    return run_command(args)
+
+
+def run_command(args, usage_errors=()):
+    """Set up logging and call ``args.func``; known errors become one line and an exit code
+    (a TestbedError's own code; 2 for ``usage_errors``; 130 on Ctrl-C).  Shared by every CLI."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -62,6 +68,9 @@ def main(argv=None):
         if run_dir:
             print(f"run directory (partial): {run_dir}", file=sys.stderr)
         return exc.exit_code
+    except usage_errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
