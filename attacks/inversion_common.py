@@ -26,7 +26,7 @@ from parties import layers as L
 from parties.data.dataset import pack
 from parties.data.tokenizer import EOS_ID, encode_records
 from parties.defences import restore
-from testbed.codec import Message
+from testbed.engine.codec import Message
 
 log = logging.getLogger(__name__)
 

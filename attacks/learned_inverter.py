@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from parties.base import make_optimizer
-from parties.lowrank import PROJECTIONS
+from parties.privatelora.lowrank import PROJECTIONS
 from testbed.errors import ConfigError
 from testbed.scenario import TrainingCfg
 

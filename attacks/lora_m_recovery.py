@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from parties import layers as L
-from parties.lowrank import PROJECTIONS
+from parties.privatelora.lowrank import PROJECTIONS
 from testbed.errors import ConfigError
 
 from .base import Attack, Reconstruction, ThreatModel

@@ -14,7 +14,7 @@ import fnmatch
 from .view import WIRE
 
 OBSERVERS = {
-    # FedSGD / FedAvg (parties/federated.py): each selected party sends its batch gradient
+    # FedSGD / FedAvg (parties/federated/rounds.py): each selected party sends its batch gradient
     # (``grad``) or its weight delta after local steps (``delta``) to the coordinator,
     # which broadcasts the weighted mean (``update``) to every party.
     "fedsgd": {"coordinator": ("grad",), "party-*": ("update",)},
@@ -32,7 +32,7 @@ OBSERVERS = {
     "pcmoe": {"party-*": ("expert_fwd", "eval_expert_fwd", "expert_bwd",
                           "expert_out", "eval_expert_out", "expert_grad_in"),
               "coordinator": ()},
-    # PrivateLoRA (parties/privatelora_wire.py): the cloud receives the embeddings, M·A·x
+    # PrivateLoRA (parties/privatelora/wire.py): the cloud receives the embeddings, M·A·x
     # per layer, dL/d(hidden) and the gradients sent up; the device receives A·x, the
     # final hidden state and the gradients sent down.
     "privatelora": {"cloud": ("embed", "act_up", "grad_hidden", "grad_up"),

@@ -29,7 +29,7 @@ from collections import Counter, defaultdict
 
 
 from parties import layers as L
-from parties.moe_split import hosted_experts
+from parties.pcmoe.sharding import hosted_experts
 
 from .base import Attack, ThreatModel
 from .inversion_common import attacker_model, aux_rows, batched, captures, moe_inputs, moe_reconstruction

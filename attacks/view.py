@@ -9,7 +9,7 @@ from ``capture/tensors/*.safetensors`` with ``safe_open``.  Public knowledge com
 run with another seed and no canaries (auxiliary text).  Asking for knowledge the threat
 model does not grant raises :class:`ThreatModelError`.
 
-    from attacks.view import AdversaryView
+    from .view import AdversaryView
     view = AdversaryView("runs/fedsgd-tiny-...", "coordinator")
     for msg in view.messages(kind="grad", step=0):
         g = msg.tensor("model.embed_tokens.weight")

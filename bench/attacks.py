@@ -31,7 +31,7 @@ CAPTURES = {"fedsgd": ("fedsgd-tiny.yaml", 2), "split": ("split-tiny.yaml", 2),
 
 
 def fixed_capture(tmp, protocol="fedsgd"):
-    from testbed.runner import run_scenario
+    from testbed.run.runner import run_scenario
     from testbed.scenario import load_scenario
     scenario, steps = CAPTURES[protocol]
     sc = load_scenario(ROOT / "scenarios" / scenario, {

@@ -20,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from parties.base import RoleContext, eval_loss  # noqa: E402
-from parties.centralized import Centralized  # noqa: E402
+from parties.single_site.centralized import Centralized  # noqa: E402
 from parties.data.dataset import prepare_data  # noqa: E402
 from parties.models import build_model  # noqa: E402
-from testbed.devices import resolve_device  # noqa: E402
-from testbed.engine_sim import SimEngine  # noqa: E402
-from testbed.links import resolve_link  # noqa: E402
-from testbed.memory import MemoryTracker  # noqa: E402
+from testbed.engine.devices import resolve_device  # noqa: E402
+from testbed.engine.sim import SimEngine  # noqa: E402
+from testbed.engine.links import resolve_link  # noqa: E402
+from testbed.engine.memory import MemoryTracker  # noqa: E402
 from testbed.scenario import load_scenario  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def main():
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    from testbed.cmd_run import _override
+    from testbed.cli.run import _override
     sc = load_scenario(args.scenario, _override([f"training.steps={args.steps}"]))
     data = prepare_data(sc, ROOT, Path(tempfile.mkdtemp()))
     init = build_model(sc.model, data.vocab_size, sc.seed)

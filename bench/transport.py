@@ -4,7 +4,7 @@
 
 Both paths move the same tensor messages over 127.0.0.1 in one process (sender and
 receiver threads) and do the same codec work: the sender encodes each message
-(:func:`testbed.codec.encode`), the receiver decodes it.  The transport path adds what
+(:func:`testbed.engine.codec.encode`), the receiver decodes it.  The transport path adds what
 the container engine pays per frame: the AES-GMAC tag computed by the sender and
 checked by the receiver, the outbox thread, the size checks.  The raw path writes a
 4-byte length and the encoded bytes with ``sendall`` and reads them back with
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from testbed import codec  # noqa: E402
-from testbed.transport import Node, mac  # noqa: E402
+from testbed.net.transport import Node, mac  # noqa: E402
 
 
 def messages(mib, count):

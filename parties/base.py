@@ -1,7 +1,7 @@
 """What every protocol is built from: the role context and the Protocol base class.
 
 A protocol turns a :class:`RoleContext` into named roles (``party-0``, ``coordinator``,
-``cloud``, ...), each a generator that yields effects from :mod:`testbed.effects`.
+``cloud``, ...), each a generator that yields effects from :mod:`testbed.engine.effects`.
 Protocols never import an engine: the same roles run on the SimPy clock and in
 containers.
 """
@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from testbed.effects import Log
+from testbed.engine.effects import Log
 
 
 def party_name(i):
@@ -27,7 +27,7 @@ class RoleContext:
     parties: list                       # parties.data.dataset.PartyData, index i is party-i
     device: torch.device
     build_model: Callable               # () -> fresh model from the shared starting checkpoint
-    trackers: dict = field(default_factory=dict)   # role -> testbed.memory.MemoryTracker
+    trackers: dict = field(default_factory=dict)   # role -> testbed.engine.memory.MemoryTracker
     record_truth: Callable = lambda party, step, ids: None
     protocol_name: str = ""
 

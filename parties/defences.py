@@ -23,14 +23,14 @@ and every applied defence in ``defences``; the receiving role's wrapper dequanti
 drawn per message, so noising a broadcast (e.g. FedSGD's ``update``) gives every receiver
 a different copy and their models drift apart -- list only the kinds meant.  Values the
 engine sends back into the generator are forwarded unchanged otherwise.  ``dp_sgd``
-entries are not handled here (protocols wrap their optimizers, see parties/dp.py).
+entries are not handled here (protocols wrap their optimizers, see parties/federated/dp.py).
 """
 import logging
 
 import torch
 
-from testbed.codec import DTYPE_NAMES, DTYPES, Message
-from testbed.effects import Send
+from testbed.engine.codec import DTYPE_NAMES, DTYPES, Message
+from testbed.engine.effects import Send
 
 log = logging.getLogger(__name__)
 

@@ -1,31 +1,32 @@
-"""Protocol registry: a protocol named ``x`` lives in ``parties/x.py`` as class ``PROTOCOL``.
+"""Protocol registry: protocol name -> the module that defines it and the class's name.
 
-Adding a protocol is adding a file and a line to ``PROTOCOLS``; an unknown name raises
-a ValueError listing the valid ones.
+Adding a protocol is adding a module and a line to ``PROTOCOLS``; an unknown name raises
+a ValueError listing the valid ones.  This module imports nothing from the project, so
+the scenario schema may read the names without importing any protocol.
 """
 import importlib
 
-# name -> module under parties/
+# name -> (module, class)
 PROTOCOLS = {
-    "centralized": "centralized",
-    "local": "local",
-    "pcmoe": "pcmoe",
-    "privatelora": "privatelora",
-    "fedavg": "fedavg",
-    "fedsgd": "fedsgd",
-    "split": "split",
-    "privatelora_full": "privatelora_full",
-    "lora": "lora",
-    "device_only": "device_only",
-    "cloud_only": "cloud_only",
+    "centralized": ("parties.single_site.centralized", "Centralized"),
+    "local": ("parties.single_site.local", "Local"),
+    "pcmoe": ("parties.pcmoe.protocol", "PCMoE"),
+    "privatelora": ("parties.privatelora.protocol", "PrivateLoRA"),
+    "fedavg": ("parties.federated.fedavg", "FedAvg"),
+    "fedsgd": ("parties.federated.fedsgd", "FedSGD"),
+    "split": ("parties.split", "Split"),
+    "privatelora_full": ("parties.privatelora.full", "PrivateLoRAFull"),
+    "lora": ("parties.privatelora.baselines", "Lora"),
+    "device_only": ("parties.privatelora.baselines", "DeviceOnly"),
+    "cloud_only": ("parties.privatelora.baselines", "CloudOnly"),
 }
 
 
 def protocol_names():
     """Names whose module exists in this checkout."""
     out = []
-    for name, mod in PROTOCOLS.items():
-        if importlib.util.find_spec(f"parties.{mod}") is not None:
+    for name, (mod, _) in PROTOCOLS.items():
+        if importlib.util.find_spec(mod) is not None:
             out.append(name)
     return out
 
@@ -33,4 +34,5 @@ def protocol_names():
 def get_protocol(name):
     if name not in protocol_names():
         raise ValueError(f"unknown protocol {name!r}; valid: {', '.join(protocol_names())}")
-    return importlib.import_module(f"parties.{PROTOCOLS[name]}").PROTOCOL
+    mod, cls = PROTOCOLS[name]
+    return getattr(importlib.import_module(mod), cls)

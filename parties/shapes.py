@@ -4,7 +4,7 @@ Each entry is the model's ``config.json`` numbers written out (nothing is downlo
 :func:`meta_model` instantiates the architecture with ``transformers`` on the meta
 device, so the parameter tensors have shapes but no storage.
 
-    from parties.shapes import meta_model
+    from .shapes import meta_model
     model = meta_model("mixtral-8x7b")      # 46.7 B parameters, zero bytes allocated
 """
 from dataclasses import dataclass, field

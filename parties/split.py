@@ -31,14 +31,14 @@ own eval set.  MoE router auxiliary losses are computed per side over that side'
 """
 import torch
 
-from testbed.codec import Message
-from testbed.effects import Log, Recv, Send
+from testbed.engine.codec import Message
+from testbed.engine.effects import Log, Recv, Send
 from testbed.errors import ConfigError, ProtocolError
 
 from . import layers as L
 from .base import Protocol, is_eval_step, make_optimizer, party_name
-from .dp import dp_config, make_private
-from .federated import check_options, recv_any, tensor_bytes, weighted_mean
+from parties.federated.dp import dp_config, make_private
+from parties.federated.rounds import check_options, recv_any, tensor_bytes, weighted_mean
 
 SERVER, FEDSERVER = "server", "fedserver"
 
@@ -253,6 +253,3 @@ class Split(Protocol):
             for i in range(n):
                 yield Send(party_name(i), Message("avg_weights", step=t, tensors=avg,
                                                   meta={"round": t, "parties": n}))
-
-
-PROTOCOL = Split

@@ -18,7 +18,7 @@ observer, a score ``metric`` and exactly one direction:
 A check whose score is missing (the scenario failed, the attack did not run) fails.
 With several matching observers the largest score counts (the worst leak, the best
 attack).  ``value`` records the score measured when the bound was last set.
-Scenarios run in parallel subprocesses (see :mod:`testbed.cmd_sweep`).
+Scenarios run in parallel subprocesses (see :mod:`testbed.run.sweep`).
 """
 import argparse
 import logging
@@ -213,8 +213,8 @@ def run_regress(baseline_path=DEFAULT_BASELINE, overrides=None, only=None, runs_
 
     ``overrides``: scenario id -> mapping merged over that scenario's ``set`` (how a test
     weakens a defence); ``only``: scenario ids to run (their checks alone are evaluated).
-    Returns (list of CheckResult, list of cmd_sweep.Result)."""
-    from .cmd_sweep import Job, run_scenarios, sets_from_dict
+    Returns (list of CheckResult, list of sweep.Result)."""
+    from testbed.run.sweep import Job, run_scenarios, sets_from_dict
     from .scenario import deep_merge
 
     baseline_path = Path(baseline_path).resolve()
@@ -233,7 +233,7 @@ def run_regress(baseline_path=DEFAULT_BASELINE, overrides=None, only=None, runs_
         jobs.append(Job(str(baseline_path.parent / s["file"]), sets_from_dict(merged), name=s["id"], label=s["id"]))
     runs_root = Path(runs_root or tempfile.mkdtemp(prefix="regress-")).resolve()
     results = run_scenarios(jobs, runs_root, n_jobs, on_done=on_done, cwd=ROOT)
-    from .report.load import load_run
+    from testbed.report.load import load_run
     scores = {}
     for r in results:
         if not r.ok:
@@ -247,7 +247,7 @@ def run_regress(baseline_path=DEFAULT_BASELINE, overrides=None, only=None, runs_
 
 def _overrides(items):
     """['ID:KEY=VALUE'] -> {ID: {KEY: value}} (dotted keys nest; values parsed as YAML)."""
-    from .cmd_run import _override
+    from testbed.cli.run import _override
     out = {}
     for item in items or []:
         sid, colon, rest = item.partition(":")
@@ -272,7 +272,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    from .cmd_sweep import format_result
+    from testbed.run.sweep import format_result
     runs_root = Path(args.runs or tempfile.mkdtemp(prefix="regress-"))
     t0 = time.perf_counter()
     try:

@@ -6,7 +6,7 @@
       scenario.yaml      resolved scenario as run
       manifest.json      seed, versions, host, mode, scenario hash, start/end, exit status
       metrics.jsonl      one line per event
-      capture/           index.jsonl + tensors/*.safetensors (see testbed.capture)
+      capture/           index.jsonl + tensors/*.safetensors (see testbed.run.capture)
       public/            what every party may know: tokenizer.json, the starting checkpoint
       truth/             private ground truth, for scoring only: tokens.jsonl (token ids
                          per protocol, party and step), canaries.json, records.jsonl

@@ -17,6 +17,7 @@ from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, Validati
                       field_validator, model_validator)
 
 from .errors import ConfigError
+from .engine.links import LinkCfg
 from .units import parse_size
 
 
@@ -85,16 +86,6 @@ class DataCfg(Strict):
         if self.source != "generate" and not self.path:
             raise ValueError(f"data.path is required when data.source is {self.source!r}")
         return self
-
-
-class LinkCfg(Strict):
-    """One link: per-direction bandwidth, latency, jitter and loss."""
-
-    up_mbps: float = Field(1000.0, gt=0)
-    down_mbps: float = Field(1000.0, gt=0)
-    latency_ms: float = Field(0.5, ge=0)
-    jitter_ms: float = Field(0.0, ge=0)
-    loss: float = Field(0.0, ge=0, lt=1)
 
 
 # A link is a profile name or inline numbers; tagged so errors name only the branch given.
@@ -228,7 +219,7 @@ def _get(data, dotted, default=None):
 def _semantic_problems(data):
     """Checks against the registries (protocol, link and device names) on the raw data, so
     they are reported together with the schema's problems."""
-    from . import devices, links
+    from .engine import devices, links
     from parties.registry import protocol_names
 
     problems = []

@@ -35,7 +35,7 @@ def tiny_scenario(**overrides):
 @pytest.fixture
 def run_tiny(tmp_path):
     """Run a tiny scenario into tmp_path; returns (run path, summary)."""
-    from testbed.runner import run_scenario
+    from testbed.run.runner import run_scenario
 
     def _run(sc=None, **overrides):
         sc = sc or tiny_scenario(**overrides)

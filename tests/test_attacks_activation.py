@@ -23,10 +23,10 @@ from attacks.routing_trace import observations
 from attacks.runner import run_attacks
 from attacks.view import AdversaryView
 from parties.base import RoleContext, make_optimizer
-from parties.lowrank import PROJECTIONS, frozen_factors
-from parties.privatelora import causal_ce
+from parties.privatelora.lowrank import PROJECTIONS, frozen_factors
+from parties.privatelora.protocol import causal_ce
 from testbed.errors import ConfigError
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

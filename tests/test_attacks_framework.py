@@ -21,7 +21,7 @@ from attacks.score import Scorer, token_accuracy
 from attacks.view import AdversaryView, ThreatModelError
 from parties.data.tokenizer import EOS_ID, load_tokenizer
 from testbed.errors import ConfigError
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,7 +21,7 @@ from attacks.tag import GradientDistance, lamp_reorder, optimise, second_order_c
 from attacks.view import AdversaryView
 from parties.base import lm_loss
 from parties.models import build_model
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import ModelCfg, load_scenario
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ import struct
 import pytest
 import torch
 
-from testbed import codec
-from testbed.codec import Message, decode, encode, header_size
+from testbed.engine import codec
+from testbed.engine.codec import Message, decode, encode, header_size
 from testbed.errors import TransportError
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,

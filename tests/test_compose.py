@@ -114,7 +114,7 @@ def test_compose_files_are_valid(docker_cli):
 
 # -- end to end ---------------------------------------------------------------------------------------
 def _embedded(tmp_path, scenario, overrides=None):
-    from testbed.runner import run_scenario
+    from testbed.run.runner import run_scenario
     sc = load_scenario(ROOT / scenario, overrides)
     path, _ = run_scenario(sc, runs_root=tmp_path / "embedded", base_dir=ROOT, cache_dir=None, progress=False)
     return path

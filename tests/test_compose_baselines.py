@@ -21,7 +21,7 @@ import time
 import pytest
 import yaml
 
-from testbed.cmd_run import _override
+from testbed.cli.run import _override
 from testbed.rundir import read_metrics
 from testbed.units import parse_size
 

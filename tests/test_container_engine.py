@@ -14,15 +14,15 @@ import torch
 import yaml
 
 from parties.base import party_name
-from testbed.capture import CaptureWriter
-from testbed.codec import Message, encode
-from testbed.devices import resolve_device
-from testbed.effects import Log, Recv, Send
-from testbed.engine_container import ContainerEngine, Mailbox
-from testbed.engine_sim import SimEngine
+from testbed.run.capture import CaptureWriter
+from testbed.engine.codec import Message, encode
+from testbed.engine.devices import resolve_device
+from testbed.engine.effects import Log, Recv, Send
+from testbed.net.engine import ContainerEngine, Mailbox
+from testbed.engine.sim import SimEngine
 from testbed.errors import ConfigError, ProtocolError, TransportError
-from testbed.links import resolve_link
-from testbed.transport import Node
+from testbed.engine.links import resolve_link
+from testbed.net.transport import Node
 
 from conftest import tiny_scenario
 

@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM
 from parties import layers as L
 from parties.base import RoleContext
 from parties.defences import restore, wrap_roles
-from testbed import codec
-from testbed.capture import CaptureWriter
-from testbed.codec import Message
-from testbed.effects import Log, Recv, Send
-from testbed.engine_sim import SimEngine
-from testbed.runner import endpoint_configs, run_scenario
+from testbed.engine import codec
+from testbed.run.capture import CaptureWriter
+from testbed.engine.codec import Message
+from testbed.engine.effects import Log, Recv, Send
+from testbed.engine.sim import SimEngine
+from testbed.run.runner import endpoint_configs, run_scenario
 from testbed.scenario import DefenceCfg, load_scenario
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for DP-SGD through Opacus (parties/dp.py) and its use by FedSGD and split learning."""
+"""Tests for DP-SGD through Opacus (parties/federated/dp.py) and its use by FedSGD and split learning."""
 import json
 from pathlib import Path
 
@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from parties import layers as L
 from parties.base import RoleContext
 from parties.data.dataset import prepare_data
-from parties.dp import dp_config, make_private, unsupported_layers
+from parties.federated.dp import dp_config, make_private, unsupported_layers
 from parties.models import build_model
 from testbed.errors import ConfigError
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import DefenceCfg, ModelCfg, load_scenario
 
 REPO = Path(__file__).resolve().parents[1]

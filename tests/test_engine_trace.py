@@ -4,10 +4,10 @@ import random
 import pytest
 import torch
 
-from testbed.codec import Message, encode
-from testbed.devices import resolve_device
-from testbed.effects import Compute, Log, Recv, Send
-from testbed.engine_sim import SimEngine
+from testbed.engine.codec import Message, encode
+from testbed.engine.devices import resolve_device
+from testbed.engine.effects import Compute, Log, Recv, Send
+from testbed.engine.sim import SimEngine
 from testbed.errors import ProtocolError
 from testbed.scenario import LinkCfg
 

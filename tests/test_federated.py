@@ -1,4 +1,4 @@
-"""Tests for FedSGD / FedAvg (parties/federated.py, fedsgd.py, fedavg.py)."""
+"""Tests for FedSGD / FedAvg (parties/federated/)."""
 import copy
 import json
 import random
@@ -12,12 +12,12 @@ from parties.base import RoleContext
 from parties.data.dataset import prepare_data
 from parties.models import build_model
 from parties.registry import get_protocol
-from testbed import codec
-from testbed.codec import Message
-from testbed.engine_sim import SimEngine
+from testbed.engine import codec
+from testbed.engine.codec import Message
+from testbed.engine.sim import SimEngine
 from testbed.errors import ConfigError
-from testbed.memory import MemoryTracker
-from testbed.runner import endpoint_configs, run_scenario
+from testbed.engine.memory import MemoryTracker
+from testbed.run.runner import endpoint_configs, run_scenario
 from testbed.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]

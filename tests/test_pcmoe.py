@@ -1,4 +1,4 @@
-"""Tests for the PC-MoE protocol (parties/pcmoe*.py, parties/moe_split.py).
+"""Tests for the PC-MoE protocol (parties/pcmoe/).
 
 Exactness: one party reproduces ``centralized`` step for step; with several parties
 the routed forward gives the unsplit model's logits and the staged backward its
@@ -15,16 +15,16 @@ from safetensors.torch import load_file
 from parties.base import RoleContext
 from parties.data.dataset import PartyData
 from parties.models import build_model
-from parties.moe_split import ExpertShard, hosted_experts, route, shard_model
-from parties.pcmoe import PCMoE, validate_options
-from parties.pcmoe_host import BWD, EVAL_FWD, FWD, GRAD_IN, OUT, ExpertHost
-from testbed import codec
-from testbed.codec import Message
-from testbed.effects import Send
-from testbed.engine_sim import SimEngine
+from parties.pcmoe.sharding import ExpertShard, hosted_experts, route, shard_model
+from parties.pcmoe.protocol import PCMoE, validate_options
+from parties.pcmoe.host import BWD, EVAL_FWD, FWD, GRAD_IN, OUT, ExpertHost
+from testbed.engine import codec
+from testbed.engine.codec import Message
+from testbed.engine.effects import Send
+from testbed.engine.sim import SimEngine
 from testbed.errors import ConfigError, ProtocolError
-from testbed.memory import MemoryTracker
-from testbed.runner import endpoint_configs, run_scenario
+from testbed.engine.memory import MemoryTracker
+from testbed.run.runner import endpoint_configs, run_scenario
 from testbed.scenario import deep_merge, load_scenario, parse_scenario
 
 VOCAB, SEQ, BATCH = 64, 8, 2
@@ -194,7 +194,7 @@ def tiny_run(tmp_path_factory):
 
 
 def framed_size(line, dtype_size=4):
-    """4-byte length + JSON header (as testbed.codec writes it) + raw tensor bytes."""
+    """4-byte length + JSON header (as testbed.engine.codec writes it) + raw tensor bytes."""
     entries, offset = [], 0
     for name, t in line["tensors"].items():
         nbytes = dtype_size

@@ -1,4 +1,4 @@
-"""Tests for PrivateLoRA (parties/privatelora.py) and its baselines, run in the embedded engine.
+"""Tests for PrivateLoRA (parties/privatelora/protocol.py) and its baselines, run in the embedded engine.
 
 Golden numbers: bytes per token per layer = (r_c2d + r_d2c) x 3 x dtype bytes (+ exact
 codec framing); the protocol's losses, eval and greedy generation match a monolithic
@@ -12,17 +12,17 @@ import torch
 
 from parties.base import RoleContext, eval_loss
 from parties.data.dataset import PartyData
-from parties.lowrank import PROJECTIONS, frozen_factors, projection_dims
+from parties.privatelora.lowrank import PROJECTIONS, frozen_factors, projection_dims
 from parties.models import build_model
-from parties.privatelora import causal_ce
+from parties.privatelora.protocol import causal_ce
 from parties.registry import get_protocol
-from testbed.capture import CaptureWriter
-from testbed.engine_sim import SimEngine
+from testbed.run.capture import CaptureWriter
+from testbed.engine.sim import SimEngine
 from testbed.errors import ConfigError
-from testbed.memory import MemoryTracker
-from testbed.runner import endpoint_configs
+from testbed.engine.memory import MemoryTracker
+from testbed.run.runner import endpoint_configs
 from testbed.scenario import load_scenario, parse_scenario
-from testbed.throughput import frame_bytes
+from testbed.costs.throughput import frame_bytes
 
 VOCAB, D, L, R1, R2 = 64, 32, 2, 4, 6
 
@@ -175,7 +175,7 @@ def test_generation_uses_the_kv_cache_and_matches_greedy_decoding(plora, ref):
 
 
 def test_messages_and_bytes_per_generated_token(plora):
-    from parties.privatelora_wire import generation_plan
+    from parties.privatelora.wire import generation_plan
     gen = [r for r in plora["index"] if r["meta"].get("mode") == "generate"]
     cfg = plora["init"].config
     plan = generation_plan(cfg, True, R1, R2, "float32", "party-0", 3, prompt_len=5, tokens=3)
@@ -300,8 +300,8 @@ def test_scenarios_validate(path):
 
 
 def test_public_base_tool_and_a_run_from_it(tmp_path):
-    from parties.privatelora_base import build_base, public_kinds
-    from testbed.runner import run_scenario
+    from parties.privatelora.pretrain import build_base, public_kinds
+    from testbed.run.runner import run_scenario
     sc_dict = scenario(data={"kinds": ["patient_note"], "records": 16, "eval_fraction": 0.25,
                              "canaries": {"count": 0}, "tokenizer": {"vocab_size": 128}},
                        training={"steps": 1, "batch_size": 2, "seq_len": 16, "eval_every": 1, "eval_batches": 1},

@@ -1,4 +1,4 @@
-"""Tests for the memory projection (parties/shapes.py, testbed/projection.py, the CLI).
+"""Tests for the memory projection (parties/shapes.py, testbed/costs/projection.py, the CLI).
 
 Golden numbers: the published parameter counts of Mixtral-8x7B and LLaMA-2-7B, and
 the projection's byte arithmetic from them.  Models live on the meta device only.
@@ -12,8 +12,8 @@ import torch
 from parties.models import build_model
 from parties.shapes import SHAPES, meta_model
 from testbed import cli
-from testbed.memory import MemoryTracker
-from testbed.projection import hosted_max, model_stats, project
+from testbed.engine.memory import MemoryTracker
+from testbed.costs.projection import hosted_max, model_stats, project
 from testbed.scenario import ModelCfg
 
 MIXTRAL_TOTAL = 46_702_792_704            # Mixtral-8x7B

@@ -18,7 +18,7 @@ import yaml
 from testbed.errors import ConfigError, fmt_bytes
 from testbed.report import build_report, load_run
 from testbed.report.__main__ import main as report_main
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import load_scenario
 
 from conftest import ROOT, tiny_scenario

@@ -8,10 +8,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from parties import layers as L
-from testbed import codec
-from testbed.codec import Message
+from testbed.engine import codec
+from testbed.engine.codec import Message
 from testbed.errors import ConfigError
-from testbed.runner import run_scenario
+from testbed.run.runner import run_scenario
 from testbed.scenario import load_scenario
 
 REPO = Path(__file__).resolve().parents[1]

@@ -4,8 +4,8 @@ import json
 import yaml
 
 from testbed.cli import main as cli_main
-from testbed.cmd_run import _override
-from testbed.cmd_sweep import parse_summary, sets_from_dict
+from testbed.cli.run import _override
+from testbed.run.sweep import parse_summary, sets_from_dict
 from testbed.scenario import deep_merge
 
 from conftest import tiny_scenario

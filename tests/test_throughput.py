@@ -1,4 +1,4 @@
-"""Tests for the analytic throughput model (testbed/throughput.py) and its CLI.
+"""Tests for the analytic throughput model (testbed/costs/throughput.py) and its CLI.
 
 The model must agree with the embedded engine running the PrivateLoRA protocol on the
 same shapes, profiles and links: bytes exactly, simulated time within 10%.
@@ -10,11 +10,11 @@ import pytest
 import torch
 from test_privatelora import R1, R2, run_engine, scenario
 
-from testbed import codec, devices, links
-from parties.privatelora_wire import pass_plan
+from testbed.engine import codec, devices, links
+from parties.privatelora.wire import pass_plan
 from testbed.cli import main
 from testbed.scenario import LinkCfg
-from testbed.throughput import (Setup, Shapes, evaluate, frame_bytes, generation_seconds, llama_config,
+from testbed.costs.throughput import (Setup, Shapes, evaluate, frame_bytes, generation_seconds, llama_config,
                                 pass_cost)
 
 P, N = 5, 3

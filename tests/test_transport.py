@@ -18,9 +18,9 @@ import torch
 import yaml
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from testbed import codec
+from testbed.engine import codec
 from testbed.errors import TransportError
-from testbed.transport import FRAME_OVERHEAD, Emulation, Node, frame_header, verify
+from testbed.net.transport import FRAME_OVERHEAD, Emulation, Node, frame_header, verify
 
 from conftest import tiny_scenario
 
@@ -106,7 +106,7 @@ def _malformed():
 def test_bad_frames_are_rejected_and_logged_and_the_node_keeps_serving(pair, caplog, make, reason):
     a, b, got = pair
     data, half_close = make()
-    with caplog.at_level(logging.WARNING, logger="testbed.transport"):
+    with caplog.at_level(logging.WARNING, logger="testbed.net.transport"):
         _raw(b, data, half_close)
         a.send_message("b", _msg())
         msg, _ = got.get(timeout=30)

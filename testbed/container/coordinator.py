@@ -27,7 +27,7 @@ from parties.base import party_name
 from parties.registry import get_protocol
 from testbed.errors import TransportError
 from testbed.rundir import RunDir
-from testbed.summary import format_summary, summarize
+from testbed.run.summary import format_summary, summarize
 
 from .merge import combine_stats, merge_parts
 from .process import COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges, process_link
@@ -123,7 +123,7 @@ class Coordinator(Process):
             summary = summarize(sc, rundir.path, results)
             rundir.write_json("summary.json", summary)
             if sc.attacks:
-                from testbed.runner import _run_attacks
+                from testbed.run.runner import _run_attacks
                 _run_attacks(rundir.path, sc)
             rundir.close()
             shutil.rmtree(parts, ignore_errors=True)

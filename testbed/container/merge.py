@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from testbed.capture import CaptureWriter
-from testbed.codec import DTYPES, Message
+from testbed.run.capture import CaptureWriter
+from testbed.engine.codec import DTYPES, Message
 from testbed.rundir import iter_jsonl
 
 

@@ -16,7 +16,7 @@ import secrets
 from pathlib import Path
 
 from parties.base import party_name
-from testbed.codec import Message
+from testbed.engine.codec import Message
 from testbed.errors import TransportError
 from testbed.scenario import LinkCfg
 

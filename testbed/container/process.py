@@ -25,12 +25,12 @@ import queue
 import time
 from pathlib import Path
 
-from testbed.capture import CaptureWriter
-from testbed.codec import Message
-from testbed.engine_container import ContainerEngine, Mailbox
+from testbed.run.capture import CaptureWriter
+from testbed.engine.codec import Message
+from testbed.net.engine import ContainerEngine, Mailbox
 from testbed.errors import TestbedError, TransportError
-from testbed.runner import build_roles, endpoint_configs
-from testbed.transport import Node
+from testbed.run.runner import build_roles, endpoint_configs
+from testbed.net.transport import Node
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 from parties.base import party_name
-from testbed.runner import party_budget
+from testbed.run.runner import party_budget
 
 from .settings import DEFAULT_PORT
 

@@ -9,7 +9,7 @@ A container's link is its scenario ``LinkCfg`` (``up_mbps``, ``down_mbps``,
   not policed (this kernel has no ``act_police``, but has ``ifb`` and ``mirred``);
 * latency, jitter, loss: ``netem`` under the ``tbf`` when the kernel has it (detected
   by adding it); otherwise -- the usual case, and this kernel's -- the sender's
-  transport holds each frame back (:class:`testbed.transport.Emulation`).
+  transport holds each frame back (:class:`testbed.net.transport.Emulation`).
 
 Without ``tc`` (no ``NET_ADMIN``, no iproute2, or ``SHAPING=sender``) the transport
 also paces each outgoing connection at ``min(own up, peer down)``: an approximation
@@ -20,7 +20,7 @@ import logging
 import shutil
 import subprocess
 
-from testbed.transport import Emulation
+from testbed.net.transport import Emulation
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,190 @@
+"""``pcmoe``: Privacy-preserving Collaborative Mixture-of-Experts training.
+
+PC-MoE (Zhang, Ding, Low 2025, https://arxiv.org/abs/2506.02965).  Every party starts
+from the shared checkpoint and keeps private its data and its backbone -- embeddings,
+attention, norms, LM head and every MoE layer's router: those weights and their
+gradients never leave it.  The experts of each MoE layer are split round-robin (party
+``i`` hosts ``{e : e mod n = i}``, :mod:`parties.pcmoe.sharding`), so each party holds only
+``m/n`` of them: the memory saving.  Tokens routed to a remote expert travel to its
+host as hidden states and come back as expert outputs; in backward the gradient w.r.t.
+that output goes to the host and the gradient w.r.t. the hidden states comes back
+(:mod:`parties.pcmoe.owner`, :mod:`parties.pcmoe.host`).
+
+Schedule (choice): a ``coordinator`` role draws a random permutation of the parties
+per round from its own ``torch.Generator`` and gives each, in turn, one global step
+(``turn`` -> one local mini-batch -> ``done``).  At eval steps it asks every party in
+turn to evaluate its own held-out set (``eval_turn`` -> ``eval_done``; expert traffic
+of kind ``eval_expert_*``), and at the end sends ``stop``.  Between turns a party
+serves expert requests.  The coordinator sees only this control traffic.
+
+Choices where the paper is silent or differs, written down:
+
+* The owner combines expert outputs with its own gate weights (the paper lets the
+  signal continue on the host until the next routing decision; here it returns to the
+  owner after every expert call, so the backbone stays with its owner).
+* A token routed to two experts of the same host is sent once per expert
+  (``counts`` per expert); hosts return unweighted outputs.
+* Hosts step their expert optimizer once per global step (see pcmoe_host).
+* Each party has one AdamW over its backbone and hosted experts; host-side steps only
+  touch expert parameters (the backbone has no gradient then).
+* Data: party ``i`` samples its mini-batches with ``ctx.generator("party-i")``; with a
+  single party the run *is* training at one site, so it draws from
+  ``ctx.generator("site")`` -- the stream ``centralized`` uses -- which makes PC-MoE
+  with ``parties.count: 1`` reproduce ``centralized`` step for step.
+* Memory: each party first builds the whole shared checkpoint and then drops the
+  experts it does not host (a real deployment would load only its shard); the tracker
+  is attached after the drop.
+
+Options (``protocol.options``): ``noise_sigma`` (float >= 0, default 0): std of the
+Gaussian noise added to hidden states sent to hosts (a defence).
+
+Run:  python -m testbed run scenarios/pcmoe-4party.yaml
+"""
+import torch
+
+from testbed.engine.codec import Message
+from testbed.engine.effects import Log, Recv, Send
+from testbed.errors import ConfigError, ProtocolError
+
+from parties.base import Protocol, is_eval_step, make_optimizer, party_name
+from .sharding import shard_model
+from .host import REQUESTS, ExpertHost
+from .meter import SavedBytes
+from .owner import Owner
+
+OPTIONS = {"noise_sigma": "float >= 0: Gaussian noise std on hidden states sent to expert hosts"}
+
+
+def validate_options(options):
+    """Return the options with defaults filled in; raise ConfigError listing every problem."""
+    options = dict(options or {})
+    problems = [f"{k}: unknown option; valid: {', '.join(OPTIONS)}" for k in sorted(options)
+                if k not in OPTIONS]
+    sigma = options.get("noise_sigma", 0.0)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma < 0:
+        problems.append(f"noise_sigma: must be a number >= 0 (got {sigma!r})")
+    if problems:
+        raise ConfigError("protocol.options", problems)
+    return {"noise_sigma": float(sigma)}
+
+
+class PartyState:
+    """What one party holds: its model (backbone + expert shard), optimizer, data stream,
+    and its owner and host halves."""
+
+    def __init__(self, ctx, index, n, options):
+        self.name, self.index = party_name(index), index
+        self.model = ctx.build_model().to(ctx.device)
+        self.shards = shard_model(self.model, index, n)
+        self.model.train()
+        self.opt = make_optimizer(self.model.parameters(), ctx.training)
+        self.tracker = ctx.tracker(self.name)
+        self.tracker.attach([self.model], [self.opt])
+        self.meter = SavedBytes([self.model])
+        self.data = ctx.parties[index]
+        self.gen = ctx.generator("site" if n == 1 else self.name)
+        self.owner = Owner(index, n, self.model, self.meter, self.tracker, options["noise_sigma"],
+                           ctx.generator(self.name, "noise"))
+        self.host = ExpertHost(self.name, self.shards, self.opt, self.tracker, self.meter)
+        self.local_steps = 0
+
+
+class PCMoE(Protocol):
+    name = "pcmoe"
+    server_roles = ("coordinator",)
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.options = validate_options(ctx.options)
+        family = ctx.scenario.model.family
+        if family == "llama" and not ctx.scenario.model.path:
+            raise ConfigError("model.family", [f"pcmoe needs a mixture-of-experts family (got {family!r}); "
+                                               "valid: mixtral, olmoe, qwen2_moe"])
+        self.n = len(ctx.parties)
+
+    def roles(self):
+        out = {party_name(i): self.party(i) for i in range(self.n)}
+        out["coordinator"] = self.coordinator()
+        return out
+
+    def make_party(self, i):
+        return PartyState(self.ctx, i, self.n, self.options)
+
+    # -- coordinator ---------------------------------------------------------------------
+    def coordinator(self):
+        """Randomized round-robin: a fresh permutation of the parties per round."""
+        ctx, tr = self.ctx, self.ctx.training
+        mem = ctx.tracker("coordinator")
+        mem.attach()
+        gen = ctx.generator("coordinator", "schedule")
+        step, rnd = 0, 0
+        while step < tr.steps:
+            for i in torch.randperm(self.n, generator=gen).tolist():
+                if step >= tr.steps:
+                    break
+                who = party_name(i)
+                yield Send(who, Message(kind="turn", step=step, meta={"party": who, "round": rnd}))
+                yield Recv(src=who, kind="done")
+                if is_eval_step(step, tr):
+                    for j in range(self.n):
+                        yield Send(party_name(j), Message(kind="eval_turn", step=step))
+                        yield Recv(src=party_name(j), kind="eval_done")
+                step += 1
+            rnd += 1
+        for j in range(self.n):
+            yield Send(party_name(j), Message(kind="stop", step=tr.steps))
+
+    # -- party ---------------------------------------------------------------------------
+    def party(self, i, state=None):
+        """Serve expert requests until ``stop``; train or evaluate when given the turn."""
+        st = state or self.make_party(i)
+        while True:
+            msg = yield Recv()
+            if msg.kind in REQUESTS:
+                yield Send(msg.src, st.host.serve(msg))
+            elif msg.kind == "turn":
+                st.host.finalize()
+                yield from self.train_step(st, msg.step)
+                yield Send(msg.src, Message(kind="done", step=msg.step))
+            elif msg.kind == "eval_turn":
+                st.host.finalize()
+                yield from self.evaluate(st, msg.step)
+                yield Send(msg.src, Message(kind="eval_done", step=msg.step))
+            elif msg.kind == "stop":
+                st.host.finalize()
+                return
+            else:
+                raise ProtocolError(f"{st.name}: unexpected message {msg.kind!r} from {msg.src}")
+
+    def train_step(self, st, step):
+        """Generator: one global step on one local mini-batch of party ``st``."""
+        ctx, tr = self.ctx, self.ctx.training
+        ids = st.data.sample(tr.batch_size, st.gen).to(ctx.device)
+        ctx.record_truth(st.name, step, ids)
+        st.meter.reset()
+        p = yield from st.owner.forward(ids, step, train=True)
+        loss = yield from st.owner.backward(p, ids, step)
+        st.opt.step()
+        st.tracker.update_state()
+        st.opt.zero_grad(set_to_none=True)
+        st.meter.reset()
+        st.local_steps += 1
+        yield Log({"event": "train", "role": st.name, "party": st.name, "step": step, "loss": loss,
+                   "tokens": ids.numel(), "local_step": st.local_steps - 1,
+                   "local_pairs": p.local_pairs, "remote_pairs": p.remote_pairs})
+
+    def evaluate(self, st, step):
+        """Generator: held-out loss of party ``st`` on its own eval set, routed like training
+        (same formula as :func:`parties.base.eval_loss`)."""
+        tr = self.ctx.training
+        total, count = 0.0, 0
+        for ids in st.data.eval_batches(tr.batch_size, tr.eval_batches):
+            ids = ids.to(self.ctx.device)
+            p = yield from st.owner.forward(ids, step, train=False)
+            logits = p.logits[:, :-1]
+            total += torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                reduction="sum").item()
+            count += ids[:, 1:].numel()
+        yield Log({"event": "eval", "role": st.name, "party": st.name, "step": step,
+                   "eval_loss": total / max(count, 1)})

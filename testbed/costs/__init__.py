@@ -1,0 +1,9 @@
+"""Analytic cost models for real model shapes, nothing allocated or trained.
+
+* :mod:`.projection` -- per-party training memory (meta device);
+* :mod:`.throughput` -- PrivateLoRA serving throughput over a network.
+
+May import: contracts, :mod:`testbed.engine` (device and link profiles) and the
+``parties`` modules that define shapes and wire plans.  Never ``testbed.run``,
+``attacks`` or the commands.
+"""

@@ -1,0 +1,268 @@
+"""Analytic serving-throughput model: PrivateLoRA vs device-only, cloud-only and the full-hidden split.
+
+For a LLaMA shape (built on the meta device, so nothing is allocated or downloaded),
+a device profile and a cloud profile (:mod:`testbed.engine.devices`) and the device's and the
+cloud's links (:mod:`testbed.engine.links`), it predicts prefill and decode tokens/s of
+
+* ``device_only``  -- the whole model on the device, no network;
+* ``cloud_only``   -- the whole model in the cloud; the prompt's token ids go up, each
+  generated token id comes down (streamed: the link is off the decode critical path);
+* ``privatelora``  -- PrivateLoRA (arXiv 2311.14030): per token one embedding up, per
+  layer A·x down and M·A·x up, one final hidden state down;
+* ``full_hidden``  -- the same split without the low-rank compression: x down, ΔW·x up.
+
+The assumptions are the embedded engine's, so the engine running the same protocol on
+the same profiles agrees with this model (``tests/test_throughput.py``):
+
+* batch size 1; one request; compute on one side at a time (the protocol is sequential);
+* side time = FLOPs / peak FLOP/s + bytes / memory bandwidth (no compute/memory overlap,
+  as the engine adds its FLOP-counted compute and the roles' ``Compute(bytes=...)``;
+  ``overlap=True`` takes the roofline max instead).  Decode is then memory-bound (every
+  weight read once per token), prefill compute-bound (FLOPs grow with the prompt);
+* FLOPs: 2·in·out per token per linear layer (adapters included) and 4·q·kv·d_q for
+  attention scores and values (``count_attention``; the engine's ``FlopCounterMode`` does
+  not see PyTorch's CPU SDPA kernel, so it leaves these out); the LM head on one position;
+* bytes: every weight of a layer once per pass, its KV cache (2·kv·d_kv), the embedding
+  rows of the pass's tokens, the LM head; at ``dtype_bytes`` per element;
+* a message of n bytes (framing included, computed exactly like :mod:`testbed.engine.codec`)
+  takes n·8 / min(sender up, receiver down) to serialize, then both endpoints' one-way
+  latencies, plus the mean of the engine's |N(0, jitter)| (σ·√(2/π)); no loss.
+"""
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from parties.privatelora.lowrank import projection_dims
+from parties.privatelora.wire import CLOUD, pass_plan
+
+# Published shapes (Touvron et al. 2023; Meta Llama 3; TinyLlama).
+MODELS = {
+    "llama-2-7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, intermediate_size=11008, vocab_size=32000),
+    "llama-2-13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=40, intermediate_size=13824, vocab_size=32000),
+    "llama-2-70b": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, intermediate_size=28672, vocab_size=32000),
+    "llama-3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256),
+    "tinyllama-1.1b": dict(hidden_size=2048, num_hidden_layers=22, num_attention_heads=32,
+                           num_key_value_heads=4, intermediate_size=5632, vocab_size=32000),
+}
+SCHEMES = ("device_only", "cloud_only", "privatelora", "full_hidden")
+DTYPE_NAMES = {2: "bfloat16", 4: "float32"}
+PARTY = "party-0"
+
+
+def llama_config(name):
+    """LlamaConfig of a named published model; ValueError listing the valid names."""
+    try:
+        return LlamaConfig(**MODELS[name], tie_word_embeddings=False)
+    except KeyError:
+        raise ValueError(f"--model: unknown model {name!r}; valid: {', '.join(MODELS)}") from None
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the model costs per pass, read off a meta-device instance of ``config``."""
+
+    config: object
+    dtype_bytes: int
+    layer_params: int        # parameters of one decoder layer (norms included)
+    layer_linear_macs: int   # multiply-accumulates per token of one layer's linear layers
+    norm_params: int         # the final norm
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config, dtype_bytes=2):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        layer = model.model.layers[0]
+        macs = sum(m.in_features * m.out_features for m in layer.modules()
+                   if isinstance(m, torch.nn.Linear))
+        return cls(config, dtype_bytes, sum(p.numel() for p in layer.parameters()), macs,
+                   sum(p.numel() for p in model.model.norm.parameters()), config.vocab_size)
+
+    @property
+    def d(self):
+        return self.config.hidden_size
+
+    @property
+    def layers(self):
+        return self.config.num_hidden_layers
+
+    @property
+    def dims(self):
+        return projection_dims(self.config)
+
+    def kv_bytes(self, kv_len):
+        return 2 * kv_len * self.dims["k"] * self.dtype_bytes
+
+    def weight_bytes(self):
+        """Every parameter: layers, final norm, embeddings, LM head."""
+        return (self.layers * self.layer_params + self.norm_params + 2 * self.vocab * self.d) * self.dtype_bytes
+
+
+def frame_bytes(spec):
+    """Encoded size of a message spec ``{kind, src, dst, step, meta, tensors: {name: (dtype, shape)}}``,
+    exactly as :func:`testbed.engine.codec.encode` frames it (length prefix + JSON header + tensors)."""
+    entries, offset = [], 0
+    for name, (dtype, shape) in spec["tensors"].items():
+        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        entries.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset,
+                        "nbytes": nbytes})
+        offset += nbytes
+    header = json.dumps({"kind": spec["kind"], "src": spec["src"], "dst": spec["dst"],
+                         "step": spec["step"], "meta": spec["meta"], "tensors": entries},
+                        separators=(",", ":"), sort_keys=True).encode()
+    return 4 + len(header) + offset
+
+
+@dataclass
+class PassCost:
+    """FLOPs and memory bytes on each side, and the messages (src, dst, bytes), of one pass."""
+
+    device_flops: float = 0.0
+    device_bytes: float = 0.0
+    cloud_flops: float = 0.0
+    cloud_bytes: float = 0.0
+    messages: list = field(default_factory=list)
+
+
+def _stack_cost(s, q, kv, count_attention, extra_macs=0, extra_params=0):
+    """FLOPs and bytes of the decoder stack (+ final norm) for q new tokens at KV length kv."""
+    att = 4 * q * kv * s.dims["q"] if count_attention else 0
+    flops = s.layers * (2 * q * (s.layer_linear_macs + extra_macs) + att)
+    nbytes = s.layers * ((s.layer_params + extra_params) * s.dtype_bytes + s.kv_bytes(kv)) \
+        + s.norm_params * s.dtype_bytes
+    return flops, nbytes
+
+
+def pass_cost(s, scheme, q, kv, r_c2d=64, r_d2c=None, count_attention=True, wire_dtype_bytes=None,
+              step=0, start=0):
+    """Cost of one generation pass of ``q`` new tokens at KV length ``kv`` (batch 1).
+
+    The LM head runs on the last position only.  ``start`` is the pass's first position
+    (it appears in the message headers).
+    """
+    r_d2c = r_d2c or r_c2d
+    d, dims, b = s.d, s.dims, s.dtype_bytes
+    head_flops, head_bytes = 2 * d * s.vocab, (s.vocab * d + q * d) * b   # head + embedding rows
+    out = PassCost()
+    if scheme in ("device_only", "cloud_only"):
+        flops, nbytes = _stack_cost(s, q, kv, count_attention)
+        flops, nbytes = flops + head_flops, nbytes + head_bytes
+        if scheme == "device_only":
+            out.device_flops, out.device_bytes = flops, nbytes
+        else:
+            out.cloud_flops, out.cloud_bytes = flops, nbytes
+            up = {"kind": "prompt", "src": PARTY, "dst": CLOUD, "step": step, "meta": {"position": start},
+                  "tensors": {"input_ids": ("int64", [1, q])}}
+            down = {"kind": "token", "src": CLOUD, "dst": PARTY, "step": step, "meta": {"position": start + q},
+                    "tensors": {"token": ("int64", [1, 1])}}
+            # the prompt goes up once (prefill); every pass sends one token id down
+            out.messages = ([(PARTY, CLOUD, frame_bytes(up))] if start == 0 else []) \
+                + [(CLOUD, PARTY, frame_bytes(down))]
+        return out
+    lowrank = scheme == "privatelora"
+    adapter_macs = sum(d * r_c2d + r_c2d * r_d2c + r_d2c * dims[p] for p in dims)
+    ab_macs = sum(d * r_c2d + r_d2c * dims[p] for p in dims)   # what the cloud runs in PrivateLoRA
+    m_params = len(dims) * r_c2d * r_d2c
+    flops, nbytes = _stack_cost(s, q, kv, count_attention, ab_macs if lowrank else 0,
+                                ab_macs if lowrank else 0)
+    out.cloud_flops, out.cloud_bytes = flops, nbytes
+    dev_macs, dev_params = (m_params, m_params) if lowrank else (adapter_macs, adapter_macs)
+    out.device_flops = s.layers * 2 * q * dev_macs + head_flops
+    out.device_bytes = s.layers * dev_params * b + head_bytes
+    wdtype = DTYPE_NAMES[wire_dtype_bytes or b]
+    for spec in pass_plan(s.config, lowrank, r_c2d, r_d2c, wdtype, PARTY, step, q, start):
+        out.messages.append((spec["src"], spec["dst"], frame_bytes(spec)))
+    return out
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Profiles of a deployment: device and cloud (DeviceProfile), their links (LinkCfg)."""
+
+    device: object
+    cloud: object
+    device_link: object
+    cloud_link: object
+    overlap: bool = False
+
+    def link(self, src):
+        return self.device_link if src == PARTY else self.cloud_link
+
+    def message_seconds(self, src, dst, nbytes):
+        """-> (serialization, latency + mean jitter) seconds of one message."""
+        a, b = self.link(src), self.link(dst)
+        bw = min(a.up_mbps, b.down_mbps) * 1e6
+        jitter = (a.jitter_ms + b.jitter_ms) / 1e3 * math.sqrt(2 / math.pi)
+        return nbytes * 8 / bw, (a.latency_ms + b.latency_ms) / 1e3 + jitter
+
+    def side_seconds(self, flops, nbytes, prof):
+        f, m = flops / prof.flops, nbytes / prof.mem_bw
+        return max(f, m) if self.overlap else f + m
+
+
+def pass_seconds(cost, setup, streamed=False):
+    """-> {device, cloud, link, total} seconds of one pass.
+
+    ``streamed`` (cloud-only decode): tokens are pipelined -- the token's download overlaps
+    the next token's compute and latency is paid once per stream, so a token costs the
+    slower of compute and serialization.
+    """
+    dev = setup.side_seconds(cost.device_flops, cost.device_bytes, setup.device)
+    cld = setup.side_seconds(cost.cloud_flops, cost.cloud_bytes, setup.cloud)
+    parts = [setup.message_seconds(src, dst, n) for src, dst, n in cost.messages]
+    ser, lat = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    link = ser + lat
+    total = max(dev + cld, ser) if streamed else dev + cld + link
+    return {"device": dev, "cloud": cld, "link": link, "total": total}
+
+
+def generation_seconds(s, scheme, setup, prompt_len, tokens, step=0, **kw):
+    """Time to generate ``tokens`` tokens from a ``prompt_len`` prompt: one prefill pass, then
+    ``tokens - 1`` decode passes -- exactly the schedule of the PrivateLoRA protocol."""
+    total, start, q = 0.0, 0, prompt_len
+    for _ in range(tokens):
+        cost = pass_cost(s, scheme, q, start + q, step=step, start=start, **kw)
+        total += pass_seconds(cost, setup)["total"]
+        start, q = start + q, 1
+    return total
+
+
+def device_memory(s, scheme, r_c2d=64, r_d2c=None, kv_len=0):
+    """Bytes the device must hold to serve (weights, KV cache; no activations)."""
+    r_d2c = r_d2c or r_c2d
+    ends = 2 * s.vocab * s.d * s.dtype_bytes
+    m = s.layers * len(s.dims) * r_c2d * r_d2c * s.dtype_bytes
+    if scheme == "device_only":
+        return s.weight_bytes() + s.layers * s.kv_bytes(kv_len)
+    if scheme == "cloud_only":
+        return 0
+    if scheme == "privatelora":
+        return ends + m
+    ab = s.layers * sum(s.d * r_c2d + r_d2c * w for w in s.dims.values()) * s.dtype_bytes
+    return ends + m + ab
+
+
+def evaluate(s, setup, prompt_len=512, r_c2d=64, r_d2c=None, count_attention=True):
+    """Prefill and decode throughput of every scheme. Returns {scheme: dict}."""
+    out = {}
+    for scheme in SCHEMES:
+        kw = dict(r_c2d=r_c2d, r_d2c=r_d2c, count_attention=count_attention)
+        pre = pass_seconds(pass_cost(s, scheme, prompt_len, prompt_len, **kw), setup)
+        dcost = pass_cost(s, scheme, 1, prompt_len + 1, start=prompt_len, **kw)
+        dec = pass_seconds(dcost, setup, streamed=scheme == "cloud_only")
+        mem = device_memory(s, scheme, r_c2d, r_d2c, prompt_len + 1)
+        out[scheme] = {
+            "prefill_tokens_per_s": prompt_len / pre["total"], "prefill_s": pre,
+            "decode_tokens_per_s": 1 / dec["total"], "decode_s": dec,
+            "decode_bytes_per_token": sum(n for _, _, n in dcost.messages),
+            "decode_messages_per_token": len(dcost.messages),
+            "device_memory": mem, "fits_device": mem <= setup.device.memory,
+        }
+    return out
