@@ -126,3 +126,137 @@ def test_cli_table_json_and_sweeps(tmp_path, capsys):
     assert main(["throughput", "--model", "gpt-9", "--sweep", "rank"]) == 2
     err = capsys.readouterr().err
     assert "--model: unknown model 'gpt-9'" in err and "--sweep: needs -o PATH" in err
+
+
+# -- the complete serving model: batch, quantized device-only, measured cloud, paper mode ---------
+
+PHONE, A100 = devices.PROFILES["phone"], devices.PROFILES["a100"]
+FIVE_G, DC = links.PROFILES["5g"], links.PROFILES["datacenter"]
+
+
+def _7b():
+    return Shapes.from_config(llama_config("llama-2-7b"), dtype_bytes=2)
+
+
+def test_published_shapes_of_13b_30b_70b():
+    counts = {"llama-2-13b": 13_015_864_320, "llama-30b": 32_528_943_616, "llama-2-70b": 68_976_648_192}
+    for name, n in counts.items():
+        assert Shapes.from_config(llama_config(name)).weight_bytes() == 2 * n
+
+
+def test_batch_scales_compute_kv_and_wire_but_reads_weights_once():
+    s, B, P = _7b(), 8, 512
+    setup = Setup(PHONE, A100, FIVE_G, DC)
+    one, many = evaluate(s, setup, prompt_len=P, r_c2d=64), evaluate(s, setup, prompt_len=P, r_c2d=64, batch=B)
+    kv = 2 * (P + 1) * 4096 * 2 * 32
+    flops = 32 * (2 * s.layer_linear_macs + 4 * (P + 1) * 4096) + 2 * 4096 * 32000
+    read = s.weight_bytes() - 32000 * 4096 * 2 + B * 4096 * 2 + B * kv
+    assert many["device_only"]["decode_s"]["total"] == pytest.approx(B * flops / 4e12 + read / 42.7e9, rel=1e-12)
+    assert many["device_only"]["decode_tokens_per_s"] == pytest.approx(B / (B * flops / 4e12 + read / 42.7e9))
+    # payload per token does not depend on the batch: (2d + L*3*(r_c2d + r_d2c)) bf16 elements
+    for r in (one, many):
+        assert r["privatelora"]["decode_payload_bytes_per_token"] == 2 * (2 * 4096 + 32 * 3 * 128)
+    # framing: one header per message, shared by the batch -- the codec's own frame size
+    m = codec.Message(kind="act_down", src="cloud", dst="party-0", step=0,
+                      meta=pass_plan(s.config, True, 64, 64, "bfloat16", "party-0", 0, 1, P)[1]["meta"],
+                      tensors={p: torch.zeros(B, 1, 64, dtype=torch.bfloat16) for p in "qkv"})
+    assert len(codec.encode(m)) == pass_cost(s, "privatelora", 1, P + 1, start=P, batch=B).messages[1][2]
+    framing = sum(n for *_, n in pass_cost(s, "privatelora", 1, P + 1, start=P, batch=B).messages) \
+        - B * 2 * (2 * 4096 + 32 * 3 * 128)
+    assert many["privatelora"]["decode_framing_bytes_per_token"] == pytest.approx(framing / B, rel=1e-12)
+    assert many["privatelora"]["decode_bytes_per_token"] < one["privatelora"]["decode_bytes_per_token"]
+    assert many["device_only"]["device_memory_breakdown"]["kv_cache"] == B * 32 * kv / 32
+
+
+def test_device_bits_quantize_the_device_only_weights_only():
+    s, P = _7b(), 512
+    res = evaluate(s, Setup(PHONE, A100, FIVE_G, DC), prompt_len=P, weight_bits=4)
+    kv = 2 * (P + 1) * 4096 * 2 * 32
+    flops = 32 * (2 * s.layer_linear_macs + 4 * (P + 1) * 4096) + 2 * 4096 * 32000
+    read = (s.weight_bytes() - 32000 * 4096 * 2 + 4096 * 2) / 4 + kv      # 4-bit weights, bf16 KV
+    assert res["device_only"]["decode_s"]["total"] == pytest.approx(flops / 4e12 + read / 42.7e9, rel=1e-12)
+    mem = res["device_only"]["device_memory_breakdown"]
+    assert mem["paper"] == s.weight_bytes() / 4 and mem["total"] == s.weight_bytes() / 4 + kv
+    assert res["device_only"]["fits_device"]
+    # PrivateLoRA's device keeps bf16: embedding table, LM head and M
+    pl = res["privatelora"]["device_memory_breakdown"]
+    assert (pl["embedding"], pl["lm_head"], pl["M"]) == (32000 * 4096 * 2, 32000 * 4096 * 2, 32 * 3 * 64 * 64 * 2)
+    assert pl["total"] == pl["embedding"] + pl["lm_head"] + pl["M"] and pl["paper"] == pl["lm_head"] + pl["M"]
+
+
+def test_measured_cloud_tokens_per_second_replaces_the_cloud_roofline():
+    s, B, tps = _7b(), 4, 900.0
+    setup = Setup(PHONE, A100, FIVE_G, DC, cloud_tps=tps)
+    res = evaluate(s, setup, prompt_len=64, batch=B)
+    assert res["cloud_only"]["decode_s"]["cloud"] == pytest.approx(B / tps, rel=1e-12)
+    ab = sum(4096 * 64 + 64 * w for w in s.dims.values())
+    adapter = B * 32 * 2 * ab / 312e12 + 32 * ab * 2 / 1935e9
+    assert res["privatelora"]["decode_s"]["cloud"] == pytest.approx(B / tps + adapter, rel=1e-12)
+    roofline = evaluate(s, Setup(PHONE, A100, FIVE_G, DC), prompt_len=64, batch=B)
+    assert res["cloud_only"]["prefill_s"] == roofline["cloud_only"]["prefill_s"]   # prefill unchanged
+
+
+def test_paper_mode_is_bandwidth_only_payload_only_and_no_ends():
+    from testbed.costs.serving import compare
+    s = _7b()
+    res = compare(s, Setup(PHONE, A100, FIVE_G, DC), prompt_len=512, r_c2d=64, r_d2c=32)["paper"]
+    p = res["privatelora"]
+    per_layer = 3 * 2 * (64 + 32)
+    assert p["decode_bytes_per_token"] == p["decode_payload_bytes_per_token"] == 32 * per_layer
+    assert p["decode_messages_per_token"] == 64 and p["decode_framing_bytes_per_token"] == 0
+    # link time = serialization only: A·x down at 100 Mbit/s (5g down), M·A·x up at 60 Mbit/s
+    assert p["decode_s"]["link"] == pytest.approx(32 * 3 * 2 * (64 * 8 / 100e6 + 32 * 8 / 60e6), rel=1e-12)
+
+
+def test_break_even_rtt_is_where_privatelora_and_device_only_decode_equally():
+    from testbed.costs.serving import break_even_rtt
+    s = _7b()
+    for bits in (None, 4):
+        be = break_even_rtt(s, Setup(PHONE, A100, FIVE_G, DC), prompt_len=512, r_c2d=64, weight_bits=bits)
+        assert be["round_trips_per_token"] == 33
+        # put the deployment exactly at the break-even RTT (no jitter): both decode equally fast
+        one_way = be["rtt_s"] / 2 * 1e3 - DC.latency_ms
+        at = Setup(PHONE, A100, FIVE_G.model_copy(update={"latency_ms": one_way, "jitter_ms": 0}), DC)
+        res = evaluate(s, at, prompt_len=512, r_c2d=64, weight_bits=bits)
+        assert res["privatelora"]["decode_tokens_per_s"] == pytest.approx(
+            res["device_only"]["decode_tokens_per_s"], rel=1e-9)
+        assert at.rtt_seconds() == pytest.approx(be["rtt_s"], rel=1e-12)
+    # a device fast enough that PrivateLoRA never wins
+    fast = Setup(devices.PROFILES["h100"], A100, FIVE_G, DC)
+    assert break_even_rtt(s, fast, prompt_len=512, r_c2d=64)["rtt_s"] is None
+
+
+def test_rank_sweep_varies_one_direction_alone():
+    from testbed.costs.serving import rank_sweep
+    s, setup = _7b(), Setup(PHONE, A100, FIVE_G, DC)
+    for direction, want in (("c2d", lambda r: (r, 16)), ("d2c", lambda r: (64, r)), ("both", lambda r: (r, r))):
+        rows = rank_sweep(s, setup, [8, 128], direction, r_c2d=64, r_d2c=16, prompt_len=64)
+        for row, r in zip(rows, (8, 128)):
+            rc, rd = want(r)
+            assert (row["r_c2d"], row["r_d2c"]) == (rc, rd)
+            assert row["device_memory"] == 2 * (2 * 32000 * 4096 + 32 * 3 * rc * rd)
+    with pytest.raises(ValueError, match="direction"):
+        rank_sweep(s, setup, [8], "up")
+
+
+def test_cli_paper_mode_overrides_breakdown_and_json(tmp_path, capsys):
+    assert main(["throughput", "--model", "llama-30b", "--paper", "--device-bits", "4", "--latency-ms", "1",
+                 "--jitter-ms", "0", "--batch", "2", "--cloud-tps", "500"]) == 0
+    out = capsys.readouterr().out
+    for label in ("PrivateLoRA (realistic)", "PrivateLoRA (paper)", "break-even RTT", "device memory (GB)",
+                  "lm_head", "device-only weights at 4-bit", "1 ms, jitter 0 ms", "batch size 2", "500 tokens/s",
+                  "--paper rows"):
+        assert label in out, label
+    assert main(["throughput", "--json", "--latency-ms", "0", "--jitter-ms", "0"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"results", "paper", "break_even", "assumptions"}
+    assert doc["break_even"]["realistic"]["current_rtt_s"] == pytest.approx(2 * DC.latency_ms / 1e3)
+    assert doc["results"]["privatelora"]["device_memory_breakdown"]["M"] == 32 * 3 * 64 * 64 * 2
+    for sweep in ("rank-c2d", "rank-d2c"):
+        png = tmp_path / f"{sweep}.png"
+        assert main(["throughput", "--sweep", sweep, "-o", str(png)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    assert main(["throughput", "--batch", "0", "--latency-ms", "-1", "--cloud-tps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch: must be >= 1" in err and "--latency-ms: must be >= 0" in err and "--cloud-tps: must be > 0" in err
