@@ -97,3 +97,16 @@ def test_cli_prints_every_shape_and_rejects_bad_arguments(capsys):
     err = capsys.readouterr().err
     assert "--model: unknown model shape 'gpt-5'" in err and "--parties: must be >= 1" in err
     assert "--dtype: unknown dtype 'int4'" in err
+
+
+def test_cli_prints_every_assumption_in_full(capsys):
+    from testbed.costs.projection import assumption_lines
+    lines = assumption_lines()
+    assert len(lines) == 4 and lines[0].startswith("Parameters and gradients in dtype")
+    assert cli.main(["memory", "--model", "mixtral-8x7b", "--parties", "3", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "see testbed" not in out and "3 parties, batch 2 x seq 2048" in out
+    for line in lines:
+        assert f"  - {line}\n" in out
+    assert cli.main(["memory", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mixtral-8x7b"]["assumption_lines"] == lines

@@ -12,7 +12,7 @@ import json
 from parties.shapes import SHAPES, meta_model
 
 from testbed.errors import ConfigError, fmt_bytes
-from testbed.costs.projection import DTYPE_BYTES, project
+from testbed.costs.projection import DTYPE_BYTES, assumption_lines, project
 
 
 def add_memory_arguments(p):
@@ -67,5 +67,10 @@ def main_memory(args):
         print(json.dumps(results, indent=2))
         return 0
     print("\n\n".join(format_projection(n, r) for n, r in results.items()))
-    print("\nassumptions: see testbed/costs/projection.py (also in --json output)")
+    print("\nassumptions (testbed/costs/projection.py; also in --json output):")
+    print(f"  - shapes: published config.json numbers on the meta device (parties/shapes.py); "
+          f"{args.parties} parties, batch {args.batch} x seq {args.seq_len}, {args.dtype} parameters, "
+          f"gradients and activations, AdamW moments in {args.optimizer_dtype or args.dtype}")
+    for line in assumption_lines():
+        print(f"  - {line}")
     return 0

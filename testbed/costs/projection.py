@@ -94,6 +94,13 @@ def model_stats(model):
     return st
 
 
+def assumption_lines():
+    """The assumptions of this module's docstring, one string per bullet (the CLI prints them)."""
+    text = __doc__.split("Assumptions (also in the result's ``assumptions``):")[1]
+    bullets = [" ".join(b.split()) for b in text.split("\n* ") if b.strip()]
+    return [b.removeprefix("* ").replace("``", "") for b in bullets]
+
+
 def hosted_max(num_experts, parties):
     """Experts per layer on the busiest party under round-robin assignment."""
     return math.ceil(num_experts / parties) if num_experts else 0
@@ -156,4 +163,5 @@ def project(model, parties, batch, seq_len, dtype="bfloat16", optimizer_dtype=No
         "centralized": central.as_dict(), "party": party.as_dict(),
         "reduction": 1 - party.total / central.total,
         "assumptions": __doc__.split("Assumptions (also in the result's ``assumptions``):")[1].strip(),
+        "assumption_lines": assumption_lines(),
     }
