@@ -4,6 +4,7 @@
   validate SCENARIO   check a scenario file, listing every problem
   memory              project per-party training memory for real model shapes (meta device)
   throughput          PrivateLoRA serving throughput model for real shapes and networks
+  steptime            PC-MoE training step time over real networks vs centralized, FedAvg, split
   up SCENARIO         run a scenario under Docker Compose
   sweep SCENARIO...   run several scenarios and report them together
 
@@ -24,6 +25,7 @@ COMMANDS = {
     "validate": ("testbed.cli.run", "validate a scenario file"),
     "memory": ("testbed.cli.memory", "project training memory per party for real model shapes"),
     "throughput": ("testbed.cli.throughput", "PrivateLoRA throughput model"),
+    "steptime": ("testbed.cli.steptime", "PC-MoE training step time over a network vs the baselines"),
     "up": ("testbed.cli.up", "run a scenario under Docker Compose"),
     "sweep": ("testbed.cli.sweep", "run several scenarios and report them together"),
 }
