@@ -257,6 +257,10 @@ def test_cli_paper_mode_overrides_breakdown_and_json(tmp_path, capsys):
         assert main(["throughput", "--sweep", sweep, "-o", str(png)]) == 0
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
+    # paper-mode sweep of r_c2d alone: bytes per token 32 layers x 3 x bf16 x (r_c2d + 64)
+    assert main(["throughput", "--sweep", "rank-c2d", "--paper", "-o", str(tmp_path / "p.png")]) == 0
+    rows = {ln.split()[0]: ln.split()[-1] for ln in capsys.readouterr().out.splitlines()[1:-1]}
+    assert rows["4"] == f"{32 * 3 * 2 * (4 + 64):,}" and rows["1024"] == f"{32 * 3 * 2 * (1024 + 64):,}"
     assert main(["throughput", "--batch", "0", "--latency-ms", "-1", "--cloud-tps", "0"]) == 2
     err = capsys.readouterr().err
     assert "--batch: must be >= 1" in err and "--latency-ms: must be >= 0" in err and "--cloud-tps: must be > 0" in err

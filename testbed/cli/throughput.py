@@ -13,6 +13,7 @@ breakdown, the round-trip time below which PrivateLoRA beats device-only, then e
 assumption.
 """
 import json
+from dataclasses import replace
 
 from testbed.engine import devices, links
 from testbed.errors import ConfigError
@@ -209,7 +210,9 @@ def _sweep(args, shapes, setup, kw):
     import matplotlib.pyplot as plt
 
     xs, series = SWEEPS[args.sweep], {name: ([], []) for name in SCHEMES}
-    base = setup.device_link
+    if args.paper:      # the whole sweep under the paper's accounting
+        setup, kw = setup.without_latency(), paper_kwargs(kw)
+    base, wire = setup.device_link, []
     for x in xs:
         link, over = None, {}
         if args.sweep == "bandwidth":
@@ -220,7 +223,8 @@ def _sweep(args, shapes, setup, kw):
             d = args.sweep.removeprefix("rank").removeprefix("-") or "both"
             row = rank_sweep(shapes, setup, [x], d, **kw)[0]
             over = {"r_c2d": row["r_c2d"], "r_d2c": row["r_d2c"]}
-        res = evaluate(shapes, _setup(args, link) if link else setup, **{**kw, **over})
+        res = evaluate(shapes, replace(setup, device_link=link) if link else setup, **{**kw, **over})
+        wire.append(res["privatelora"]["decode_bytes_per_token"])
         for name in SCHEMES:
             series[name][0].append(res[name]["prefill_tokens_per_s"])
             series[name][1].append(res[name]["decode_tokens_per_s"])
@@ -234,7 +238,8 @@ def _sweep(args, shapes, setup, kw):
         for name in SCHEMES:
             ax.plot(xs, series[name][k], marker="o", ms=3, label=LABELS[name])
         ax.set(yscale="log", xlabel=unit, ylabel="tokens/s",
-               title=f"{title}: {args.model}, {args.device} + {args.cloud}, {args.link}")
+               title=f"{title}: {args.model}, {args.device} + {args.cloud}, {args.link}"
+               + (" (paper)" if args.paper else ""))
         if args.sweep == "latency":
             ax.set_xscale("symlog", linthresh=0.01)
         else:
@@ -244,8 +249,9 @@ def _sweep(args, shapes, setup, kw):
     fig.tight_layout()
     fig.savefig(args.output, dpi=120)
     plt.close(fig)
-    print(f"{args.sweep:>10}  " + "  ".join(f"{LABELS[n] + ' decode':>24}" for n in SCHEMES))
+    print(f"{args.sweep:>10}  " + "  ".join(f"{LABELS[n] + ' decode':>24}" for n in SCHEMES)
+          + f"{'PrivateLoRA B/token':>22}")
     for i, x in enumerate(xs):
-        print(f"{x:>10g}  " + "  ".join(f"{series[n][1][i]:>24.2f}" for n in SCHEMES))
+        print(f"{x:>10g}  " + "  ".join(f"{series[n][1][i]:>24.2f}" for n in SCHEMES) + f"{wire[i]:>22,.0f}")
     print(f"plot: {args.output}")
     return 0
