@@ -49,9 +49,8 @@ def test_size_is_header_plus_tensor_bytes():
     hlen = struct.unpack(">I", data[:4])[0]
     assert header_size(data) == 4 + hlen
     assert len(data) == 4 + hlen + 4 * 8 * 4 + 3 * 2 + 4 * 8
-    header = json.loads(data[4:4 + hlen])
-    assert [e["name"] for e in header["tensors"]] == ["a", "b", "c", "empty"]
     back = decode(data)
+    assert list(back.tensors) == ["a", "b", "c", "empty"]
     assert (back.kind, back.src, back.dst, back.step, back.meta) == ("moe_fwd", "party-0", "party-1", 7, {"layer": 1})
     assert back.tensors["empty"].shape == (0, 5)
 
@@ -102,3 +101,32 @@ def test_unknown_dtype_in_header_rejected():
 def test_dtype_table_covers_every_name():
     for name, dt in codec.DTYPES.items():
         assert codec.DTYPE_NAMES[dt] == name
+
+
+def test_compact_header_is_small_and_the_json_header_still_decodes():
+    t = {p: torch.zeros(1, 1, 64, dtype=torch.bfloat16) for p in "qkv"}
+    meta = {"layer": 31, "projections": ["q", "k", "v"], "rank": 64, "direction": "c2d", "phase": "fwd",
+            "mode": "generate", "party": "party-0", "split": "lowrank", "quantity": "A_x"}
+    msg = Message("act_down", src="cloud", dst="party-0", step=-1, meta=meta, tensors=t)
+    data = encode(msg)
+    # version, 3 short strings, zigzag step, 3 tensors of (name, dtype, ndim, 3 one-byte dims)
+    envelope = 1 + (1 + 8) + (1 + 5) + (1 + 7) + 1 + 1 + 3 * (2 + 1 + 1 + 3)
+    short = {"a": 31, "b": ["q", "k", "v"], "c": 64, "d": "c2d", "e": "fwd", "f": "generate", "g": "party-0",
+             "h": "lowrank", "i": "A_x"}
+    meta_bytes = 1 + len(json.dumps(short, separators=(",", ":"), sort_keys=True))
+    assert header_size(data) == 4 + envelope + meta_bytes
+    assert len(data) == header_size(data) + 3 * 64 * 2
+    back = decode(data)
+    assert (back.kind, back.src, back.dst, back.step, back.meta) == ("act_down", "cloud", "party-0", -1, meta)
+    # a meta with a one-letter key of its own is sent as is, and comes back unchanged
+    odd = {"a": 1, "layer": 2}
+    assert decode(encode(Message("x", meta=odd))).meta == odd
+    # the first format (JSON header with offsets) is still read
+    legacy = json.dumps({"kind": "x", "src": "a", "dst": "b", "step": 3, "meta": {"layer": 1},
+                         "tensors": [{"name": "t", "dtype": "int16", "shape": [2], "offset": 0,
+                                      "nbytes": 4}]}).encode()
+    back = decode(struct.pack(">I", len(legacy)) + legacy + bytes(4))
+    assert back.meta == {"layer": 1} and back.tensors["t"].shape == (2,)
+    # a binary header whose tensors do not add up to the body is rejected
+    with pytest.raises(TransportError, match="do not match"):
+        decode(data + b"\0")

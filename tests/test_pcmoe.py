@@ -6,6 +6,7 @@ gradients; bytes on the wire follow the codec formula.  Tiny models only.
 """
 import copy
 import json
+import math
 import random
 
 import pytest
@@ -194,18 +195,13 @@ def tiny_run(tmp_path_factory):
 
 
 def framed_size(line, dtype_size=4):
-    """4-byte length + JSON header (as testbed.engine.codec writes it) + raw tensor bytes."""
-    entries, offset = [], 0
+    """4-byte length + the codec's header (testbed.engine.codec.build_header) + raw tensor bytes."""
+    specs, offset = [], 0
     for name, t in line["tensors"].items():
-        nbytes = dtype_size
-        for s in t["shape"]:
-            nbytes *= s
-        entries.append({"name": name, "dtype": t["dtype"], "shape": t["shape"], "offset": offset,
-                        "nbytes": nbytes})
-        offset += nbytes
-    header = json.dumps({"kind": line["kind"], "src": line["src"], "dst": line["dst"], "step": line["step"],
-                         "meta": line["meta"], "tensors": entries}, separators=(",", ":"), sort_keys=True)
-    return 4 + len(header.encode()) + offset, 4 + len(header.encode())
+        specs.append((name, t["dtype"], t["shape"]))
+        offset += dtype_size * math.prod(t["shape"])
+    header = codec.build_header(line["kind"], line["src"], line["dst"], line["step"], line["meta"], specs)
+    return 4 + len(header) + offset, 4 + len(header)
 
 
 def test_bytes_per_message_and_per_step_follow_the_formula(tiny_run):

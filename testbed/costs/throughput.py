@@ -41,7 +41,6 @@ Options that leave the engine's assumptions (the CLI prints which are on):
   embedding upload and no final-hidden download (the PrivateLoRA paper's accounting,
   :mod:`testbed.costs.serving`).
 """
-import json
 import math
 from dataclasses import dataclass, field, replace
 
@@ -49,6 +48,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from parties.privatelora.lowrank import projection_dims
+from testbed.engine.codec import build_header
 from parties.privatelora.wire import CLOUD, pass_plan
 
 # Published shapes (Touvron et al. 2023 for LLaMA-1 30B ("33B") and LLaMA-2; Meta Llama 3; TinyLlama).
@@ -122,17 +122,10 @@ class Shapes:
 
 def frame_bytes(spec):
     """Encoded size of a message spec ``{kind, src, dst, step, meta, tensors: {name: (dtype, shape)}}``,
-    exactly as :func:`testbed.engine.codec.encode` frames it (length prefix + JSON header + tensors)."""
-    entries, offset = [], 0
-    for name, (dtype, shape) in spec["tensors"].items():
-        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
-        entries.append({"name": name, "dtype": dtype, "shape": list(shape), "offset": offset,
-                        "nbytes": nbytes})
-        offset += nbytes
-    header = json.dumps({"kind": spec["kind"], "src": spec["src"], "dst": spec["dst"],
-                         "step": spec["step"], "meta": spec["meta"], "tensors": entries},
-                        separators=(",", ":"), sort_keys=True).encode()
-    return 4 + len(header) + offset
+    exactly as :func:`testbed.engine.codec.encode` frames it (length prefix + header + tensors)."""
+    tensors = [(name, dtype, list(shape)) for name, (dtype, shape) in spec["tensors"].items()]
+    header = build_header(spec["kind"], spec["src"], spec["dst"], spec["step"], spec["meta"], tensors)
+    return 4 + len(header) + payload_bytes(spec)
 
 
 def payload_bytes(spec):

@@ -2,7 +2,7 @@
 and memory accounting.
 
 * :mod:`.effects` -- ``Send``, ``Recv``, ``Compute``, ``Log``: what a role yields;
-* :mod:`.codec` -- the wire format every message goes through (JSON header + raw tensors);
+* :mod:`.codec` -- the wire format every message goes through (compact binary header + raw tensors);
 * :mod:`.sim` -- the embedded engine: roles as SimPy processes on a simulated clock;
 * :mod:`.links`, :mod:`.devices` -- link and device profiles and their time models;
 * :mod:`.memory` -- per-role accelerator memory (parameters, gradients, optimizer,
