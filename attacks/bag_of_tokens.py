@@ -31,6 +31,8 @@ from .view import MessageGroup
 
 log = logging.getLogger(__name__)
 
+AGGREGATE = "*"   # the "party" of a gradient summed over every selected party
+
 
 @dataclass
 class GradientBatch:
@@ -40,6 +42,7 @@ class GradientBatch:
     party: str
     step: int
     group: MessageGroup
+    rows: int = 0          # batch rows behind the gradient when known (an aggregate's total)
 
     def names(self):
         return self.group.names
@@ -64,22 +67,29 @@ class GradientBatch:
             return False
 
 
-def gradient_batches(view, kinds, steps=None, max_batches=0):
+def gradient_batches(view, kinds, steps=None, max_batches=0, aggregate=False):
     """Every (party, step) gradient the view's observer saw, in capture order.
 
     ``kinds``: message kinds carrying gradients; ``steps``: an optional list of steps to
     keep; ``max_batches``: keep at most this many (0 = all).  The party is the message's
-    ``meta["party"]`` when present, else its sender.
+    ``meta["party"]`` when present, else its sender.  Updates masked by secure aggregation
+    (meta ``secagg``) are no party's gradient to anyone without the pads: skipped.  With
+    ``aggregate`` the batches are instead the coordinator's broadcast averages (kind
+    ``update``): one gradient of every selected party's rows together, as party ``*``.
     """
     out = []
-    for group in view.groups(kind=tuple(kinds), by=("src", "step")):
+    for group in view.groups(kind=("update",) if aggregate else tuple(kinds), by=("src", "step")):
         step = group.key["step"]
         if steps is not None and step not in steps:
             continue
-        party = group.messages[0].meta.get("party") or group.key["src"]
-        if not str(party).startswith("party-"):
-            continue  # an aggregate (e.g. a broadcast average) is no single party's batch
-        out.append(GradientBatch(view.protocol, party, step, group))
+        meta = group.messages[0].meta
+        if aggregate:
+            out.append(GradientBatch(view.protocol, AGGREGATE, step, group, int(meta.get("n_samples", 0))))
+        else:
+            party = meta.get("party") or group.key["src"]
+            if not str(party).startswith("party-") or "secagg" in meta:
+                continue  # an aggregate, or a masked update: no single party's batch
+            out.append(GradientBatch(view.protocol, party, step, group))
         if max_batches and len(out) >= max_batches:
             break
     return out
