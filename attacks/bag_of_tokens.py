@@ -45,19 +45,19 @@ class GradientBatch:
     rows: int = 0          # batch rows behind the gradient when known (an aggregate's total)
 
     def names(self):
-        return self.group.names
+        return self.group.received_names
 
     def get(self, param_name):
         """The gradient of ``param_name`` (exact name, else the unique captured name that
         ends with it, so ``layers.0.self_attn.q_proj.weight`` finds ``model.layers.0...``)."""
-        names = self.group.names
+        names = self.group.received_names
         if param_name in names:
-            return self.group.tensor(param_name)
+            return self.group.received(param_name)
         hits = [n for n in names if n.endswith("." + param_name) or param_name.endswith("." + n)]
         if len(hits) != 1:
             raise KeyError(f"{self.party} step {self.step}: no unique gradient for {param_name!r} "
                            f"(captured: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
-        return self.group.tensor(hits[0])
+        return self.group.received(hits[0])
 
     def has(self, param_name):
         try:
@@ -123,11 +123,11 @@ class StepWeights:
             msg = self.updates.get(self.step)
             if msg is None:
                 return None
-            names = msg.names
+            names = msg.received_names
             for name, p in self.model.named_parameters():
                 hit = [n for n in names if n == name or n.endswith("." + name) or name.endswith("." + n)]
                 if len(hit) == 1:
-                    p.grad = msg.tensor(hit[0]).to(p.dtype)
+                    p.grad = msg.received(hit[0]).to(p.dtype)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1

@@ -196,3 +196,19 @@ def test_secagg_on_a_protocol_without_it_is_a_config_error(run_tiny):
     from testbed.errors import ConfigError
     with pytest.raises(ConfigError, match="'secagg' is not supported by protocol 'local'"):
         run_tiny(defences=[{"type": "secagg"}])
+
+
+def test_attacks_see_what_the_receiver_saw_under_topk(tmp_path):
+    """top-k with fraction 1 sends every entry as values + positions: DAGER, reading the
+    capture through the adversary view, must invert the densified gradient exactly."""
+    from attacks.runner import run_attacks
+    sc = load_scenario(REPO / "scenarios" / "fedsgd-tiny.yaml",
+                       {"baselines": [], "training": {"steps": 1},
+                        "defences": [{"type": "topk", "fraction": 1.0, "kinds": ["grad"]}]})
+    path, _ = run_scenario(sc, runs_root=tmp_path, base_dir=REPO, cache_dir=tmp_path / "c", progress=False)
+    lines = [json.loads(s) for s in (path / "capture" / "index.jsonl").read_text().splitlines()]
+    line = next(x for x in lines if x["kind"] == "grad")
+    assert any(n.endswith(".idx") for n in line["tensors"])
+    [res] = run_attacks(path, [{"name": "dager", "observer": "coordinator", "options": {"steps": [0]}}],
+                        write=False)
+    assert res["scores"]["exact_match"] == 1.0

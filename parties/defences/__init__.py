@@ -66,6 +66,26 @@ def restore(msg):
     return Message(kind=msg.kind, src=msg.src, dst=msg.dst, step=msg.step, meta=meta, tensors=tensors)
 
 
+def restore_tensor(meta, name, fetch):
+    """What the receiver saw of one tensor ``name`` of a message with ``meta``; ``fetch(n)``
+    returns the message's raw tensor ``n`` (lazily: only the tensors needed are read)."""
+    q = (meta.get(QUANTIZED) or {}).get(name)
+    s = (meta.get(SPARSE) or {}).get(name)
+    t = fetch(name)
+    if q is not None:
+        dtype = DTYPES[q["dtype"]]
+        t = (t.to(torch.float32) * fetch(f"{name}.scale")).to(dtype) if q["bits"] == "int8" else t.to(dtype)
+    if s is not None:
+        t = densify(t, fetch(f"{name}.idx"), s["shape"], t.dtype)
+    return t
+
+
+def encoded_extras(meta):
+    """Names of the helper tensors an encoding added (``.scale``, ``.idx``)."""
+    return {f"{n}.scale" for n, q in (meta.get(QUANTIZED) or {}).items() if q["bits"] == "int8"} | \
+        {f"{n}.idx" for n in (meta.get(SPARSE) or {})}
+
+
 def wrap_role(gen, defences):
     """A generator that runs ``gen``, defending its sends and restoring its receives."""
     value = None
