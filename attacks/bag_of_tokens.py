@@ -31,6 +31,8 @@ from .view import MessageGroup
 
 log = logging.getLogger(__name__)
 
+AGGREGATE = "*"   # the "party" of a gradient summed over every selected party
+
 
 @dataclass
 class GradientBatch:
@@ -40,21 +42,22 @@ class GradientBatch:
     party: str
     step: int
     group: MessageGroup
+    rows: int = 0          # batch rows behind the gradient when known (an aggregate's total)
 
     def names(self):
-        return self.group.names
+        return self.group.received_names
 
     def get(self, param_name):
         """The gradient of ``param_name`` (exact name, else the unique captured name that
         ends with it, so ``layers.0.self_attn.q_proj.weight`` finds ``model.layers.0...``)."""
-        names = self.group.names
+        names = self.group.received_names
         if param_name in names:
-            return self.group.tensor(param_name)
+            return self.group.received(param_name)
         hits = [n for n in names if n.endswith("." + param_name) or param_name.endswith("." + n)]
         if len(hits) != 1:
             raise KeyError(f"{self.party} step {self.step}: no unique gradient for {param_name!r} "
                            f"(captured: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
-        return self.group.tensor(hits[0])
+        return self.group.received(hits[0])
 
     def has(self, param_name):
         try:
@@ -64,22 +67,29 @@ class GradientBatch:
             return False
 
 
-def gradient_batches(view, kinds, steps=None, max_batches=0):
+def gradient_batches(view, kinds, steps=None, max_batches=0, aggregate=False):
     """Every (party, step) gradient the view's observer saw, in capture order.
 
     ``kinds``: message kinds carrying gradients; ``steps``: an optional list of steps to
     keep; ``max_batches``: keep at most this many (0 = all).  The party is the message's
-    ``meta["party"]`` when present, else its sender.
+    ``meta["party"]`` when present, else its sender.  Updates masked by secure aggregation
+    (meta ``secagg``) are no party's gradient to anyone without the pads: skipped.  With
+    ``aggregate`` the batches are instead the coordinator's broadcast averages (kind
+    ``update``): one gradient of every selected party's rows together, as party ``*``.
     """
     out = []
-    for group in view.groups(kind=tuple(kinds), by=("src", "step")):
+    for group in view.groups(kind=("update",) if aggregate else tuple(kinds), by=("src", "step")):
         step = group.key["step"]
         if steps is not None and step not in steps:
             continue
-        party = group.messages[0].meta.get("party") or group.key["src"]
-        if not str(party).startswith("party-"):
-            continue  # an aggregate (e.g. a broadcast average) is no single party's batch
-        out.append(GradientBatch(view.protocol, party, step, group))
+        meta = group.messages[0].meta
+        if aggregate:
+            out.append(GradientBatch(view.protocol, AGGREGATE, step, group, int(meta.get("n_samples", 0))))
+        else:
+            party = meta.get("party") or group.key["src"]
+            if not str(party).startswith("party-") or "secagg" in meta:
+                continue  # an aggregate, or a masked update: no single party's batch
+            out.append(GradientBatch(view.protocol, party, step, group))
         if max_batches and len(out) >= max_batches:
             break
     return out
@@ -113,11 +123,11 @@ class StepWeights:
             msg = self.updates.get(self.step)
             if msg is None:
                 return None
-            names = msg.names
+            names = msg.received_names
             for name, p in self.model.named_parameters():
                 hit = [n for n in names if n == name or n.endswith("." + name) or name.endswith("." + n)]
                 if len(hit) == 1:
-                    p.grad = msg.tensor(hit[0]).to(p.dtype)
+                    p.grad = msg.received(hit[0]).to(p.dtype)
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
             self.step += 1

@@ -256,24 +256,27 @@ class Dager(Attack):
     threat_model = FEDSGD_AGGREGATOR
     targets = {"fedsgd": ("grad",)}
     options = {"rank_tol": 0.0, "span_tol": 1e-4, "beam": 64, "length": 0,
-               "steps": None, "max_batches": 0}
+               "steps": None, "max_batches": 0, "aggregate": False}
 
-    def run(self, view, rank_tol=0.0, span_tol=1e-4, beam=64, length=0, steps=None, max_batches=0):
+    def run(self, view, rank_tol=0.0, span_tol=1e-4, beam=64, length=0, steps=None, max_batches=0,
+            aggregate=False):
         """``length``: tokens per row (0: ``training.seq_len`` from the public config);
         ``steps``: which steps to attack (None: all whose weights the observer can
-        rebuild); ``beam``: most prefixes kept per position."""
+        rebuild); ``beam``: most prefixes kept per position; ``aggregate``: invert the
+        broadcast mean gradient of each round (one batch of every selected party's rows --
+        what secure aggregation leaves the coordinator) instead of each party's gradient."""
         cfg = view.config()["training"]
         length = length or cfg["seq_len"]
         weights = StepWeights(view)
         out = []
-        for b in sorted(gradient_batches(view, self.kinds(view.protocol), steps, max_batches),
+        for b in sorted(gradient_batches(view, self.kinds(view.protocol), steps, max_batches, aggregate),
                         key=lambda b: b.step):
             model = weights.at(b.step)
             if model is None:
                 seqs, note = [], f"weights at step {b.step} unknown (an earlier update was not observed)"
             else:
                 seqs, note = self.invert(b, attacker_copy(model), rank_tol, span_tol,
-                                         beam, length, cfg["batch_size"])
+                                         beam, length, b.rows or cfg["batch_size"])
             if note:
                 log.info("dager %s step %s: %s", b.party, b.step, note)
                 out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": note}))

@@ -26,11 +26,19 @@ SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match
 SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
 
 
+AGGREGATE = "*"   # a reconstruction of a gradient summed over parties: every party's rows
+
+
 def read_truth(run_dir):
-    """(protocol, party, step) -> list of token-id rows, and the canary list."""
+    """(protocol, party, step) -> list of token-id rows, and the canary list.  Each
+    (protocol, step) also has the key (protocol, "*", step): every party's rows of that
+    step, in party order -- the batch behind an aggregated gradient."""
     root = Path(run_dir) / "truth"
     batches = {(rec["protocol"], rec["party"], rec["step"]): rec["input_ids"]
                for rec in iter_jsonl(root / "tokens.jsonl")}
+    for (protocol, party, step), rows in sorted(batches.items(), key=lambda kv: str(kv[0])):
+        batches.setdefault((protocol, AGGREGATE, step), [])
+        batches[(protocol, AGGREGATE, step)] = batches[(protocol, AGGREGATE, step)] + rows
     canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
     return batches, canaries
 

@@ -70,6 +70,19 @@ class CapturedMessage:
     def tensors(self):
         return {n: self.tensor(n) for n in self.specs}
 
+    def received(self, name):
+        """The tensor ``name`` as the receiving role saw it: a transmission defence's
+        encoding (int8/bf16 quantization, top-k sparsification) undone."""
+        from parties.defences import restore_tensor
+        return restore_tensor(self.meta, name, self.tensor)
+
+    @property
+    def received_names(self):
+        """Tensor names without the helper tensors an encoding added."""
+        from parties.defences import encoded_extras
+        extras = encoded_extras(self.meta)
+        return [n for n in self.specs if n not in extras]
+
 
 class _TensorStore:
     """Keeps one open safetensors handle per file."""
@@ -103,6 +116,17 @@ class MessageGroup:
 
     def tensors(self):
         return {n: self.tensor(n) for n in self.names}
+
+    @property
+    def received_names(self):
+        return list(dict.fromkeys(n for m in self.messages for n in m.received_names))
+
+    def received(self, name):
+        """Like :meth:`tensor`, as the receiver saw it (see :meth:`CapturedMessage.received`)."""
+        for m in reversed(self.messages):
+            if name in m.specs:
+                return m.received(name)
+        raise KeyError(f"group {self.key}: no tensor {name!r}")
 
 
 class AdversaryView:

@@ -143,11 +143,15 @@ class CaptureCfg(Strict):
 
 
 class DefenceCfg(Strict):
-    """A defence wrapped around a protocol (see parties/defences.py)."""
+    """A defence wrapped around a protocol (see parties/defences/)."""
 
-    type: Literal["noise", "quantize", "dp_sgd"]
-    sigma: float = Field(0.0, ge=0)                 # noise: Gaussian std on sent tensors
+    type: Literal["noise", "clip_noise", "quantize", "topk", "secagg", "santext", "dp_sgd"]
+    sigma: float = Field(0.0, ge=0)                 # noise, clip_noise: Gaussian std (ratio for clip_noise)
+    clip: float = Field(0.0, ge=0)                  # clip_noise: row L2 bound (0: each row's own norm)
     bits: Literal["bf16", "int8", "fp16"] = "bf16"  # quantize: wire precision
+    fraction: float = Field(0.1, gt=0, le=1)        # topk: fraction of entries sent
+    frac_bits: int = Field(24, ge=8, le=28)         # secagg: fixed-point fraction bits
+    epsilon: float = Field(1.0, gt=0)               # santext: metric-DP epsilon per token
     kinds: list[str] = Field(default_factory=list)  # message kinds it applies to (empty = all)
     noise_multiplier: float = Field(1.0, ge=0)      # dp_sgd
     max_grad_norm: float = Field(1.0, gt=0)         # dp_sgd

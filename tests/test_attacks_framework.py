@@ -228,7 +228,7 @@ def test_options_are_checked():
     assert dager.resolve_options({"beam": 8.0})["beam"] == 8
     with pytest.raises(ConfigError) as exc:
         dager.resolve_options({"bem": 8, "span_tol": "small"})
-    assert any(p.startswith("bem: unknown option; valid: beam,") for p in exc.value.problems)
+    assert any(p.startswith("bem: unknown option; valid: aggregate, beam,") for p in exc.value.problems)
     assert "span_tol: expected float (got 'small')" in exc.value.problems
 
 

@@ -99,10 +99,12 @@ class Grads:
 
     def __init__(self, tensors):
         self._t = tensors
-        self.names = list(tensors)
+        self.names = self.received_names = list(tensors)
 
     def tensor(self, name):
         return self._t[name]
+
+    received = tensor
 
 
 def party_gradient(model, ids):

@@ -141,3 +141,74 @@ def test_noise_on_split_activations_end_to_end(tmp_path):
     assert grads and all(r["tensors"]["grad"]["dtype"] == "float16" for r in grads)
     B, T, H = 2, 16, 64
     assert all(r["bytes"] == r["header_bytes"] + B * T * H * 2 for r in grads)
+
+
+def test_topk_sends_values_and_positions_and_restores_the_k_largest(clean, tmp_path):
+    fraction = 0.01
+    msg, line, wire, _ = exchange([{"type": "topk", "fraction": fraction}], {"h": clean.reshape(200, 200)},
+                                  tmp_path=tmp_path)
+    k = 400                                                          # ceil(0.01 * 40_000)
+    assert wire["h"].shape == (k,) and wire["h.idx"].dtype == torch.int32
+    assert line["bytes"] == line["header_bytes"] + k * 4 + k * 4     # float32 values + int32 positions
+    dense = msg.tensors["h"]
+    assert dense.shape == (200, 200) and int((dense != 0).sum()) == k and "h.idx" not in msg.tensors
+    kept = clean.abs().topk(k).indices
+    assert torch.equal(dense.reshape(-1)[kept], clean[kept])          # exactly the k largest, exact values
+    assert float(dense.reshape(-1).abs().sum()) == pytest.approx(float(clean[kept].abs().sum()), rel=1e-6)
+    assert msg.meta["defences"] == [{"type": "topk", "fraction": fraction}] and "sparse" not in msg.meta
+
+
+def test_topk_then_int8_restores_in_reverse_order(clean, tmp_path):
+    msg, line, wire, _ = exchange([{"type": "topk", "fraction": 0.5}, {"type": "quantize", "bits": "int8"}],
+                                  {"h": clean}, tmp_path=tmp_path)
+    k = N // 2
+    assert wire["h"].dtype == torch.int8 and wire["h.idx"].dtype == torch.int32
+    assert line["bytes"] == line["header_bytes"] + k * 1 + 4 + k * 4
+    kept = clean.abs().topk(k).indices
+    scale = clean.abs().max() / 127
+    assert (msg.tensors["h"][kept] - clean[kept]).abs().max() <= scale / 2 + 1e-6
+    assert int((msg.tensors["h"] != 0).sum()) <= k
+
+
+def test_clip_noise_clips_rows_and_scales_noise_to_the_bound(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(4000, 64, generator=gen) * torch.linspace(0.1, 10, 4000).unsqueeze(1)
+    clip = 2.0
+    msg, _, wire, _ = exchange([{"type": "clip_noise", "sigma": 0.0, "clip": clip}], {"h": rows},
+                               tmp_path=tmp_path)
+    norms = rows.norm(dim=1)
+    got = msg.tensors["h"]
+    assert float(got.norm(dim=1).max()) <= clip * (1 + 1e-6)
+    small = norms <= clip
+    assert torch.equal(got[small], rows[small])                      # rows within the bound untouched
+    assert torch.allclose(got[~small], rows[~small] * (clip / norms[~small]).unsqueeze(1), rtol=1e-6)
+    sigma = 0.5
+    msg, _, _, _ = exchange([{"type": "clip_noise", "sigma": sigma, "clip": clip}], {"h": rows})
+    noise = (msg.tensors["h"] - got).norm(dim=1)                     # ~ sigma * clip per row
+    assert float(noise.mean()) == pytest.approx(sigma * clip, rel=0.03)
+    msg, _, _, _ = exchange([{"type": "clip_noise", "sigma": sigma, "clip": 0.0}], {"h": rows})
+    rel = (msg.tensors["h"] - rows).norm(dim=1) / norms              # clip 0: relative to each row
+    assert float(rel.mean()) == pytest.approx(sigma, rel=0.03)
+    assert float(rel[:400].mean()) == pytest.approx(float(rel[-400:].mean()), rel=0.1)
+
+
+def test_secagg_on_a_protocol_without_it_is_a_config_error(run_tiny):
+    from testbed.errors import ConfigError
+    with pytest.raises(ConfigError, match="'secagg' is not supported by protocol 'local'"):
+        run_tiny(defences=[{"type": "secagg"}])
+
+
+def test_attacks_see_what_the_receiver_saw_under_topk(tmp_path):
+    """top-k with fraction 1 sends every entry as values + positions: DAGER, reading the
+    capture through the adversary view, must invert the densified gradient exactly."""
+    from attacks.runner import run_attacks
+    sc = load_scenario(REPO / "scenarios" / "fedsgd-tiny.yaml",
+                       {"baselines": [], "training": {"steps": 1},
+                        "defences": [{"type": "topk", "fraction": 1.0, "kinds": ["grad"]}]})
+    path, _ = run_scenario(sc, runs_root=tmp_path, base_dir=REPO, cache_dir=tmp_path / "c", progress=False)
+    lines = [json.loads(s) for s in (path / "capture" / "index.jsonl").read_text().splitlines()]
+    line = next(x for x in lines if x["kind"] == "grad")
+    assert any(n.endswith(".idx") for n in line["tensors"])
+    [res] = run_attacks(path, [{"name": "dager", "observer": "coordinator", "options": {"steps": [0]}}],
+                        write=False)
+    assert res["scores"]["exact_match"] == 1.0

@@ -9,6 +9,8 @@ in ``<eos>``).
 import random
 from dataclasses import dataclass, field
 
+from typing import Optional
+
 import torch
 
 from .generator import generate_records
@@ -23,6 +25,7 @@ class PartyData:
     eval: torch.Tensor           # [rows, seq_len] int64
     record_ids: list = field(default_factory=list)
     eval_record_ids: list = field(default_factory=list)
+    original: Optional[torch.Tensor] = None   # training rows before a text defence (santext)
 
     def sample(self, batch_size, gen):
         """``batch_size`` training rows drawn with ``gen`` (a torch.Generator)."""

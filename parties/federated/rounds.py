@@ -14,6 +14,10 @@ Every party holds a full model copy built from the shared starting checkpoint; a
    so all copies stay bit-for-bit equal, and at evaluation steps reports the model's
    held-out loss on its own eval set.
 
+With a ``secagg`` defence (:mod:`parties.defences.secagg`) the parties first exchange
+public keys through the coordinator (step -1), each sends its update pairwise-masked in
+fixed point, and the coordinator recovers only the weighted mean.
+
 Links may reorder messages (jitter), so a party buffers early ones by (kind, round).
 A selected party logs one ``train`` record per round (loss, tokens, and under DP-SGD the
 privacy spent), so ``training.steps`` counts rounds.
@@ -25,6 +29,7 @@ from testbed.engine.effects import Log, Recv, Send
 from testbed.errors import ConfigError, ProtocolError
 
 from parties.base import Protocol, eval_records, is_eval_step, make_optimizer, party_name
+from parties.defences import secagg
 from .dp import dp_config, make_private
 
 COORDINATOR = "coordinator"
@@ -96,12 +101,14 @@ class Federated(Protocol):
     up_kind = ""          # kind of the party -> coordinator message
     payload = ""          # what the broadcast average is (meta of ``update``)
     OPTIONS = {"clients_per_round": (check_clients, "all")}
+    defence_options = ("dp_sgd", "secagg")
 
     def __init__(self, ctx):
         super().__init__(ctx)
         self.opts = check_options(ctx.options, self.OPTIONS, len(ctx.parties))
         k = self.opts["clients_per_round"]
         self.k = len(ctx.parties) if k in (None, "all") else k
+        self.secagg = secagg.secagg_config(ctx)
 
     def expected_train_logs(self):
         return self.ctx.training.steps * self.k
@@ -117,6 +124,8 @@ class Federated(Protocol):
         gen = ctx.generator(COORDINATOR, "clients")
         mem = ctx.tracker(COORDINATOR)
         mem.attach([], [])
+        if self.secagg is not None:
+            yield from self.relay_keys(n)
         for t in range(ctx.training.steps):
             selected = sample_clients(gen, n, self.k)
             names = [party_name(i) for i in selected]
@@ -130,12 +139,27 @@ class Federated(Protocol):
                                         f"round {msg.step} while collecting round {t} from {names}")
                 got[msg.src] = msg
             ordered = [got[name] for name in names]
-            avg = weighted_mean([(m.tensors, m.meta["n_samples"]) for m in ordered])
+            if self.secagg is not None:
+                avg = secagg.unmask_mean([(m.tensors, m.meta["n_samples"]) for m in ordered],
+                                         self.secagg.frac_bits)
+            else:
+                avg = weighted_mean([(m.tensors, m.meta["n_samples"]) for m in ordered])
             mem.add_activations(sum(tensor_bytes(m.tensors) for m in ordered) + tensor_bytes(avg))
             meta = {"round": t, "parties": names, "payload": self.payload,
                     "n_samples": sum(m.meta["n_samples"] for m in ordered)}
             for i in range(n):
                 yield Send(party_name(i), Message("update", step=t, meta=meta, tensors=avg))
+
+    def relay_keys(self, n):
+        """Secure aggregation's setup: collect every party's public key, send all to all."""
+        publics = {}
+        while len(publics) < n:
+            msg = yield Recv(kind=secagg.KEY)
+            publics[msg.src] = msg.tensors["public"]
+        keys = {p: publics[p] for p in sorted(publics)}
+        for i in range(n):
+            yield Send(party_name(i), Message(secagg.KEYS, step=-1, tensors=keys,
+                                              meta={"parties": list(keys)}))
 
     # -- party ----------------------------------------------------------------------------
     def party(self, i):
@@ -150,11 +174,21 @@ class Federated(Protocol):
         if cfg is not None:
             state["private"] = make_private(model, opt, len(state["data"].train), tr.batch_size, cfg,
                                             generator=ctx.generator(me, "dp"))
-        stash = {}
+        stash, masker = {}, None
+        if self.secagg is not None:
+            seed = torch.randint(0, 256, (32,), generator=ctx.generator(me, "secagg"), dtype=torch.uint8)
+            masker = secagg.Masker(me, bytes(seed.tolist()), self.secagg.frac_bits)
+            yield Send(COORDINATOR, Message(secagg.KEY, step=-1, tensors={
+                "public": torch.frombuffer(bytearray(masker.public), dtype=torch.uint8)}))
+            msg = yield from recv_any(stash, COORDINATOR, [(secagg.KEYS, -1)])
+            masker.setup({p: bytes(t.tolist()) for p, t in msg.tensors.items()})
         for t in range(tr.steps):
             msg = yield from recv_any(stash, COORDINATOR, [("round", t), ("update", t)])
             if msg.kind == "round":
                 tensors, meta, record = self.local_update(state, t)
+                if masker is not None:
+                    tensors = masker.mask(tensors, meta["n_samples"], t, msg.meta["selected"])
+                    meta = {**meta, secagg.META: {"frac_bits": masker.frac_bits}}
                 yield Send(COORDINATOR, Message(self.up_kind, step=t, tensors=tensors, meta={
                     "party": me, "round": t, **meta}))
                 if state["private"] is not None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from parties.base import party_name
 from parties.data.dataset import prepare_data
+from parties.defences import santext
 from parties.models import build_model
 
 from .shards import PREPARED, party_dir, write_shard
@@ -39,7 +40,9 @@ def prepare(scenario, data_dir, base_dir="."):
     public.mkdir(exist_ok=True)
     data.tokenizer.save(str(public / "tokenizer.json"))
     hf_logging.disable_progress_bar()
-    build_model(scenario.model, data.vocab_size, scenario.seed).save_pretrained(public / "init-model")
+    init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
+    init_model.save_pretrained(public / "init-model")
+    santext.apply(scenario, data, init_model)
     truth = data_dir / "truth"
     truth.mkdir(exist_ok=True)
     (truth / "canaries.json").write_text(json.dumps(data.canaries, indent=2))

@@ -37,7 +37,10 @@ def write_shard(directory, pd):
     """Save one party's PartyData (rows as safetensors, record ids as JSON)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({"train": pd.train.contiguous(), "eval": pd.eval.contiguous()}, str(directory / SHARD))
+    rows = {"train": pd.train.contiguous(), "eval": pd.eval.contiguous()}
+    if pd.original is not None:  # the party's own text before a text defence (its truth)
+        rows["original"] = pd.original.contiguous()
+    save_file(rows, str(directory / SHARD))
     (directory / SHARD_META).write_text(json.dumps(
         {"name": pd.name, "record_ids": pd.record_ids, "eval_record_ids": pd.eval_record_ids}))
 
@@ -49,7 +52,7 @@ def read_shard(directory):
                                            "(or the shard is not mounted here)"])
     rows = load_file(str(directory / SHARD))
     meta = json.loads((directory / SHARD_META).read_text())
-    return PartyData(name=meta["name"], train=rows["train"], eval=rows["eval"],
+    return PartyData(name=meta["name"], train=rows["train"], eval=rows["eval"], original=rows.get("original"),
                      record_ids=meta["record_ids"], eval_record_ids=meta["eval_record_ids"])
 
 

@@ -5,7 +5,6 @@ runs the scenario's protocol and each of its ``baselines`` on its own SimPy cloc
 writing metrics, capture and truth as it goes.  Used by ``python -m testbed run``.
 """
 import copy
-import importlib.util
 import json
 import logging
 import random
@@ -86,19 +85,24 @@ def build_roles(scenario, name, data, init_model, rundir, main, keep=None):
     ``keep``: the role names to build (None: all) -- an engine hosting only some roles
     (a container) gets only those.  Memory trackers with the scenario's budgets are in
     ``ctx.trackers``; the scenario's transmission defences are wrapped around the roles."""
+    from parties.defences import check_supported, santext
+
     device = torch.device(scenario.torch_device)
+    original = santext.original_rows(data.parties) or (lambda party, ids: ids)
     ctx = RoleContext(
         scenario=scenario, vocab_size=data.vocab_size, parties=data.parties, device=device,
         build_model=lambda: copy.deepcopy(init_model), protocol_name=name,
-        record_truth=(lambda party, step, ids: rundir.truth(name, party, step, ids)) if main
-        else (lambda party, step, ids: None))
+        record_truth=(lambda party, step, ids: rundir.truth(name, party, step, original(party, ids)))
+        if main else (lambda party, step, ids: None))
     proto = get_protocol(name)(ctx)
+    if main:
+        check_supported(proto, scenario.defences)
     ctx.trackers = {r: MemoryTracker(r, party_budget(scenario, r), scenario.parties.on_exceed)
                     for r in proto.role_names()}
     roles = proto.roles()
     if keep is not None:
         roles = {r: g for r, g in roles.items() if r in keep}
-    if scenario.defences and importlib.util.find_spec("parties.defences"):
+    if scenario.defences:
         from parties.defences import wrap_roles
         roles = wrap_roles(roles, scenario.defences, ctx)
     return proto, ctx, roles
@@ -152,6 +156,10 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
         init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
         hf_logging.disable_progress_bar()
         init_model.save_pretrained(rundir.path / "public" / "init-model")
+        from parties.defences import santext
+        text_defence = santext.apply(scenario, data, init_model)
+        if text_defence:
+            rundir.metric({"event": "defence", "type": "santext", **text_defence})
         results = {}
         for i, name in enumerate([scenario.protocol.name] + list(scenario.baselines)):
             if name in results:
