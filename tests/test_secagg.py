@@ -126,3 +126,40 @@ def test_dager_inverts_the_securely_aggregated_sum_as_one_larger_batch(tmp_path)
     assert agg["scores"]["rows"] == 4 and agg["scores"]["token_accuracy"] >= 0.9
     [per_party] = run_attacks(path, [{"name": "dager", "observer": "coordinator"}], write=False)
     assert "rows" not in per_party["scores"]          # masked updates: no party's gradient to invert
+
+
+def test_defences_run_the_same_in_real_processes_over_tcp(tmp_path):
+    """FedSGD with secure aggregation, top-k and SanText, run as a coordinator and party
+    processes on loopback (the container engine, real TCP): the same losses, step for step,
+    and the same captured bytes as the embedded engine."""
+    import yaml
+    from testbed.container.loopback import Loopback
+    from testbed.container.prepare import prepare
+    from testbed.run.runner import run_scenario
+    from tests.conftest import tiny_scenario
+    sc = tiny_scenario(model={"family": "llama"}, protocol={"name": "fedsgd"}, baselines=[],
+                       defences=[{"type": "santext", "epsilon": 50.0}, {"type": "secagg"},
+                                 {"type": "topk", "fraction": 0.5, "kinds": ["update"]}])
+    emb, _ = run_scenario(sc, runs_root=tmp_path / "emb", base_dir=tmp_path, cache_dir=None, progress=False)
+    scenario_file = tmp_path / "scenario.yaml"
+    scenario_file.write_text(yaml.safe_dump(sc.resolved()))
+    prepare(sc, tmp_path / "data")
+    lb = Loopback(sc, scenario_file, tmp_path / "data", tmp_path / "runs", "lb")
+    try:
+        lb.start_coordinator()
+        lb.start_parties()
+        codes = lb.wait()
+    finally:
+        lb.kill()
+    assert set(codes.values()) == {0}, lb.text("coordinator")
+
+    def losses(run):
+        return sorted((r["party"], r["step"], r["loss"]) for r in
+                      (json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines())
+                      if r.get("event") == "train" and r.get("protocol") == "fedsgd")
+
+    def wire(run):
+        return sorted((r["kind"], r["src"], r["dst"], r["step"], r["bytes"]) for r in
+                      (json.loads(s) for s in (run / "capture" / "index.jsonl").read_text().splitlines()))
+    assert losses(lb.run_dir) == losses(emb) and len(losses(emb)) == 2 * 4
+    assert wire(lb.run_dir) == wire(emb)

@@ -104,20 +104,20 @@ def apply(scenario, data, init_model):
 
 
 def original_rows(parties):
-    """``record_truth`` filter: party name -> {privatized row bytes: original row}, for the
-    parties whose rows were privatized; a protocol records the rows it trained on, and the
-    ground truth must hold what the party wrote."""
+    """``record_truth`` filter: (party name, rows it trained on) -> the rows the party wrote.
+    A protocol records the (privatized) rows it trained on; the ground truth must hold the
+    party's own text.  Lazy: a party's data is read only when that party records truth
+    (in a container, only the party's own shard is there)."""
     maps = {}
-    for p in parties:
-        if getattr(p, "original", None) is not None:
-            maps[p.name] = {row.numpy().tobytes(): orig for row, orig in zip(p.train, p.original)}
-    if not maps:
-        return None
 
     def to_original(party, ids):
-        table = maps.get(party)
+        if party not in maps:
+            data = parties[int(str(party).rsplit("-", 1)[1])]
+            orig = getattr(data, "original", None)
+            maps[party] = None if orig is None else \
+                {row.numpy().tobytes(): o for row, o in zip(data.train, orig)}
+        table = maps[party]
         if table is None:
             return ids
         return torch.stack([table.get(row.cpu().numpy().tobytes(), row) for row in ids])
     return to_original
-

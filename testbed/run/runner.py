@@ -88,7 +88,7 @@ def build_roles(scenario, name, data, init_model, rundir, main, keep=None):
     from parties.defences import check_supported, santext
 
     device = torch.device(scenario.torch_device)
-    original = santext.original_rows(data.parties) or (lambda party, ids: ids)
+    original = santext.original_rows(data.parties)
     ctx = RoleContext(
         scenario=scenario, vocab_size=data.vocab_size, parties=data.parties, device=device,
         build_model=lambda: copy.deepcopy(init_model), protocol_name=name,
