@@ -70,7 +70,8 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         "parties": {"memory_budget": "300MiB", "cpus": 1.5, "overrides": {1: {"memory_budget": "1GiB"}}},
         "coordinator": {"cpus": 2}})
     c = render_compose(sc, image="img", work_dir=tmp_path / "w", runs_dir=tmp_path / "runs", project_dir=ROOT,
-                       run_name="r", secret="s", n_parties=2, mem_overhead=parse_size("512MiB"))
+                       run_name="r", credentials_dir=tmp_path / "keys", n_parties=2,
+                       mem_overhead=parse_size("512MiB"))
     s = c["services"]
     assert set(s) == {"prepare", "coordinator", "party-0", "party-1"}
     assert c["networks"] == {"testbed": {"internal": True}}
@@ -85,10 +86,21 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         assert p["environment"]["PARTY"] == str(i) and p["environment"]["COORDINATOR"] == "coordinator:7070"
         assert p["environment"]["TESTBED_GPU_MEMORY_BUDGET"] == str(budget)
         assert p["cap_add"] == ["NET_ADMIN"] and p["networks"] == ["testbed"]
+        assert p["environment"]["RUN_AS"] == "65534:65534"     # unprivileged once shaped
+        # only its own key, as files; the CA certificate to check everybody else's
+        assert p["secrets"] == [{"source": "ca", "target": "ca.crt"},
+                                {"source": f"party-{i}-crt", "target": f"party-{i}.crt"},
+                                {"source": f"party-{i}-key", "target": f"party-{i}.key"}]
     co = s["coordinator"]
-    assert f"{w}/data:/data:ro" in co["volumes"] and co["cpus"] == 2 and "mem_limit" not in co
+    assert f"{w}/data:/data:ro" in co["volumes"] and co["cpus"] == 2
+    assert co["mem_limit"] == 6 << 30 and [x["source"] for x in co["secrets"]] == ["ca", "coordinator-crt",
+                                                                                  "coordinator-key"]
     assert s["prepare"]["network_mode"] == "none"
-    assert all(svc["environment"]["RUN_SECRET"] == "s" for n, svc in s.items() if n != "prepare")
+    for svc in s.values():   # limits for every container, the coordinator included; no key in a variable
+        assert svc["mem_limit"] > 0 and svc["cpus"] > 0 and svc["pids_limit"] == 512
+        assert svc["security_opt"] == ["no-new-privileges:true"]
+        assert not any("SECRET" in k or "KEY" in k for k in svc["environment"])
+    assert c["secrets"]["party-1-key"] == {"file": str(tmp_path / "keys" / "party-1.key")}
 
 
 @pytest.mark.docker

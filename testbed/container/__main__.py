@@ -1,4 +1,4 @@
-"""``python -m testbed.container prepare|coordinator|party`` -- a container's entry point.
+"""``python -m testbed.container credentials|prepare|coordinator|party`` -- a container's entry point.
 
 The command comes from the first argument or the ``ROLE`` environment variable; every
 other setting from the environment (:mod:`testbed.container.settings`).  Known errors
@@ -10,8 +10,7 @@ import os
 import signal
 import sys
 
-COMMANDS = ("prepare", "coordinator", "party")
-PUBLIC_SECRET = "insecure-default-run-secret"   # compose.yaml's default
+COMMANDS = ("credentials", "prepare", "coordinator", "party")
 
 
 def _interrupt(signum, frame):
@@ -52,11 +51,14 @@ def main(argv=None):
 
     from .settings import from_env
     try:
-        settings = from_env(need_secret=command != "prepare")
-        if settings.secret == PUBLIC_SECRET:
-            logging.getLogger(__name__).warning("RUN_SECRET is compose.yaml's public default: anyone on "
-                                                "the network can forge frames; set a random one")
+        settings = from_env()
         scenario = load_scenario(settings.scenario)
+        if command == "credentials":
+            from .credentials import ensure_credentials
+            print(ensure_credentials(settings.credentials_dir, scenario.parties.count))
+            if settings.parts_dir:   # the shared parts volume: parties write there as nobody
+                os.chmod(settings.parts_dir, 0o1777)
+            return 0
         configure_torch()
         if command == "prepare":
             from .prepare import prepare

@@ -2,8 +2,10 @@
 
     python -m testbed.container party      (env: see testbed/container/settings.py)
 
-Registers with the coordinator (asking for ``PARTY`` when set), receives its name,
-the address table and every process's link; loads only its own shard
+Is party ``PARTY`` (or, under plain ``docker compose up`` with replicas, the replica
+number minus one: replica ``<project>-party-1`` is ``party-0``), with that name's
+certificate; registers with the coordinator, receives the address table and every
+process's link; loads only its own shard
 (``DATA_DIR/party-<i>/``) and the public starting checkpoint; shapes its link; measures
 its links; then runs its role (``party-<i>``) of each protocol the coordinator starts,
 talking to the other roles directly, and writes its part of the run directory.  An
@@ -12,12 +14,13 @@ exit code); an abort from the coordinator ends it with exit code 10 (``ABORTED``
 cause is elsewhere), and losing the coordinator with the transport error's code.
 """
 import logging
-import secrets
+import re
+import socket
 from pathlib import Path
 
 from parties.base import party_name
 from testbed.engine.codec import Message
-from testbed.errors import TransportError
+from testbed.errors import ConfigError, TransportError
 from testbed.scenario import LinkCfg
 
 from .process import COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges
@@ -30,9 +33,8 @@ log = logging.getLogger(__name__)
 
 class Party(Process):
     def __init__(self, settings, scenario):
-        name = (party_name(settings.party) if settings.party is not None
-                else f"registrant-{secrets.token_hex(4)}")   # named by the coordinator later
-        super().__init__(name, settings, scenario)
+        index = settings.party if settings.party is not None else replica_index()
+        super().__init__(party_name(index), settings, scenario)
         self.finished = False
 
     def on_control(self, msg, address):
@@ -43,9 +45,6 @@ class Party(Process):
     def on_lost(self, peer, reason):
         if peer == COORDINATOR and not self.finished:
             self.fail(TransportError(f"{self.name}: lost the coordinator ({reason})"))
-
-    def _rename(self, name):
-        self.name = self.node.name = name
 
     def run(self):
         """Take part in the run; returns the process exit code."""
@@ -60,7 +59,6 @@ class Party(Process):
                 print(f"registration rejected: {msg.meta.get('reason')}", flush=True)
                 return 2
             table = msg.meta
-            self._rename(table["you"])
             index = int(self.name.split("-")[1])
             data, public = party_view(st.data_dir, sc, index, self.name)
             init_model = load_init_model(public, sc)
@@ -124,6 +122,26 @@ class Party(Process):
         if rec.get("event") == "train":
             self.tell(COORDINATOR, "_progress", protocol=protocol, party=rec.get("party"),
                       step=rec.get("step"), loss=rec.get("loss"))
+
+
+REPLICA = re.compile(r"[-_]party[-_](\d+)(\.|$)")
+
+
+def replica_index(hostname=None):
+    """This container's party index from its compose replica name (``<project>-party-<N>``,
+    numbered from 1), which Docker's DNS gives for the container's own address."""
+    try:
+        address = socket.gethostbyname(hostname or socket.gethostname())
+        names = [socket.gethostbyaddr(address)[0], *socket.gethostbyaddr(address)[1]]
+    except OSError as exc:
+        raise ConfigError("environment", [f"PARTY: not set, and this container's replica name cannot "
+                                          f"be resolved ({exc})"]) from None
+    for name in names:
+        m = REPLICA.search(name)
+        if m:
+            return int(m.group(1)) - 1
+    raise ConfigError("environment", [f"PARTY: not set, and this container's name ({', '.join(names)}) "
+                                      "is not a compose replica <project>-party-<N>"])
 
 
 def main(settings, scenario):
