@@ -14,16 +14,16 @@ exit code); an abort from the coordinator ends it with exit code 10 (``ABORTED``
 cause is elsewhere), and losing the coordinator with the transport error's code.
 """
 import logging
-import re
-import socket
 from pathlib import Path
 
 from parties.base import party_name
 from testbed.engine.codec import Message
-from testbed.errors import ConfigError, TransportError
+from testbed.errors import TransportError
 from testbed.scenario import LinkCfg
 
 from .process import COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges
+from .isolation import restrict_routes
+from .replica import replica_index
 from .shaping import apply_shaping, emulation_for
 from .settings import ABORTED
 from .shards import load_init_model, party_view
@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 class Party(Process):
     def __init__(self, settings, scenario):
-        index = settings.party if settings.party is not None else replica_index()
+        self.replica = None   # the compose container name, when the index came from it
+        if settings.party is not None:
+            index = settings.party
+        else:
+            index, self.replica = replica_index()
         super().__init__(party_name(index), settings, scenario)
         self.finished = False
 
@@ -64,15 +68,20 @@ class Party(Process):
             init_model = load_init_model(public, sc)
             links = {p: LinkCfg(**cfg) for p, cfg in table["links"].items()}
             shaping = apply_shaping(links[self.name], st.link_dev, st.shaping)
+            peers = [p for p in table["processes"] if p != self.name]
+            isolation = ""
+            if st.shaping != "off":   # a container: nothing but the run's processes is reachable
+                where = [st.coordinator[0], *(table["processes"][p][0] for p in peers)]
+                isolation = "; " + restrict_routes(where, st.link_dev)
             drop_privileges()
             self.node.set_emulation(COORDINATOR,
                                     emulation_for(links[self.name], links[COORDINATOR], shaping))
-            peers = [p for p in table["processes"] if p != self.name]
             for p in peers:
                 self.node.add_peer(p, table["processes"][p],
                                    emulation_for(links[self.name], links[p], shaping))
             self.writer = PartWriter(Path(st.parts_root(table["run"])) / self.name)
-            print(f"{self.name}: registered; link {shaping['detail']}", flush=True)
+            replica = f" (container {self.replica})" if self.replica else ""
+            print(f"{self.name}{replica}: registered; link {shaping['detail']}{isolation}", flush=True)
             self.tell(COORDINATOR, "_ack")
             return self._serve(peers, links, data, init_model)
         except RemoteFailure as exc:
@@ -122,26 +131,6 @@ class Party(Process):
         if rec.get("event") == "train":
             self.tell(COORDINATOR, "_progress", protocol=protocol, party=rec.get("party"),
                       step=rec.get("step"), loss=rec.get("loss"))
-
-
-REPLICA = re.compile(r"[-_]party[-_](\d+)(\.|$)")
-
-
-def replica_index(hostname=None):
-    """This container's party index from its compose replica name (``<project>-party-<N>``,
-    numbered from 1), which Docker's DNS gives for the container's own address."""
-    try:
-        address = socket.gethostbyname(hostname or socket.gethostname())
-        names = [socket.gethostbyaddr(address)[0], *socket.gethostbyaddr(address)[1]]
-    except OSError as exc:
-        raise ConfigError("environment", [f"PARTY: not set, and this container's replica name cannot "
-                                          f"be resolved ({exc})"]) from None
-    for name in names:
-        m = REPLICA.search(name)
-        if m:
-            return int(m.group(1)) - 1
-    raise ConfigError("environment", [f"PARTY: not set, and this container's name ({', '.join(names)}) "
-                                      "is not a compose replica <project>-party-<N>"])
 
 
 def main(settings, scenario):

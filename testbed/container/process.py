@@ -132,7 +132,9 @@ class Process:
         self.writer = None
         self.closing = False
         # connecting may have to wait for a peer still starting (a coordinator importing torch)
-        self.node = Node(Identity.from_dir(settings.credentials_dir, name), port=settings.port,
+        # the plain compose file's coordinator may still be making the credentials
+        identity = Identity.wait_for(settings.credentials_dir, name, settings.register_timeout)
+        self.node = Node(identity, port=settings.port,
                          max_frame=settings.max_frame, on_message=self._on_message,
                          on_disconnect=self._on_disconnect, owner=host_of,
                          connect_timeout=settings.register_timeout, seed=scenario.seed)

@@ -33,10 +33,13 @@ VALID_DAYS = 30
 
 
 def _write(path, data, mode):
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Atomically: a process waiting for the file never reads half of it."""
+    tmp = Path(f"{path}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
-    os.chmod(path, mode)   # O_CREAT's mode does not apply to a file that existed
+    os.chmod(tmp, mode)   # O_CREAT's mode does not apply to a file that existed
+    os.replace(tmp, path)
 
 
 def make_credentials(directory, names, days=VALID_DAYS):
@@ -62,8 +65,8 @@ def make_credentials(directory, names, days=VALID_DAYS):
                                        data_encipherment=False, key_agreement=False,
                                        encipher_only=False, decipher_only=False), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    _write(directory / CA_FILE, ca.public_bytes(serialization.Encoding.PEM), 0o644)
-    for name in names:
+    (directory / CA_FILE).unlink(missing_ok=True)
+    for name in names:   # the CA certificate is written last: its presence means all are there
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -80,6 +83,7 @@ def make_credentials(directory, names, days=VALID_DAYS):
         _write(directory / f"{name}.key", key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption()), 0o600)
+    _write(directory / CA_FILE, ca.public_bytes(serialization.Encoding.PEM), 0o644)
     return directory
 
 
@@ -98,6 +102,15 @@ class Identity:
     ca_file: str
     cert_file: str
     key_file: str
+
+    @classmethod
+    def wait_for(cls, directory, name, timeout):
+        """:meth:`from_dir` once the files are there (another process may be making them)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while not has_credentials(directory, [name]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return cls.from_dir(directory, name)
 
     @classmethod
     def from_dir(cls, directory, name):
