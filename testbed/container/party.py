@@ -14,6 +14,7 @@ exit code); an abort from the coordinator ends it with exit code 10 (``ABORTED``
 cause is elsewhere), and losing the coordinator with the transport error's code.
 """
 import logging
+import threading
 from pathlib import Path
 
 from parties.base import party_name
@@ -38,8 +39,9 @@ class Party(Process):
             index = settings.party
         else:
             index, self.replica = replica_index()
-        super().__init__(party_name(index), settings, scenario)
         self.finished = False
+        self.coordinator_gone = threading.Event()
+        super().__init__(party_name(index), settings, scenario)
 
     def on_control(self, msg, address):
         if msg.kind == "_abort":
@@ -47,8 +49,10 @@ class Party(Process):
         super().on_control(msg, address)
 
     def on_lost(self, peer, reason):
-        if peer == COORDINATOR and not self.finished:
-            self.fail(TransportError(f"{self.name}: lost the coordinator ({reason})"))
+        if peer == COORDINATOR:
+            self.coordinator_gone.set()
+            if not self.finished:
+                self.fail(TransportError(f"{self.name}: lost the coordinator ({reason})"))
 
     def run(self):
         """Take part in the run; returns the process exit code."""
@@ -108,6 +112,12 @@ class Party(Process):
             self.node.flush(timeout=10)
         except TransportError as exc:
             log.warning("%s: could not tell the coordinator %s: %s", self.name, kind, exc)
+            return
+        # exit only after the coordinator: under `docker compose up --exit-code-from coordinator`
+        # the first container to exit stops the others, and the coordinator may still be merging
+        if not self.coordinator_gone.wait(self.settings.recv_timeout):
+            log.warning("%s: the coordinator is still running %.0fs after %s", self.name,
+                        self.settings.recv_timeout, kind)
 
     def _serve(self, peers, links, data, init_model):
         while True:
