@@ -5,7 +5,8 @@ the bridge an address (the network's gateway), so a container can still open con
 to any service the host listens on.  :func:`restrict_routes` -- run by a party while it
 still has ``NET_ADMIN``, before it drops to an unprivileged user who cannot undo it --
 replaces the on-link route of its network by one host route per process of the run
-(the coordinator and the other parties).  Everything else on the network, the host's
+(the coordinator and the other parties), and removes the default route Docker gives even
+an internal network (via that same host address).  Everything else on the network, the host's
 bridge address included, is then unreachable (``connect`` fails with "Network is
 unreachable").  Docker's DNS (127.0.0.11, on ``lo``) is unaffected.
 """
@@ -34,6 +35,10 @@ def restrict_routes(hosts, dev="eth0"):
         for a in addresses:
             if a != own and any(ipaddress.ip_address(a) in ipaddress.ip_network(s) for s in subnets):
                 _ip("route", "replace", f"{a}/32", "dev", dev, "src", own)
+        # Docker gives even an internal network a default route via the host's bridge address
+        for fields in (line.split() for line in _ip("-o", "-4", "route", "show", "dev", dev).splitlines()):
+            if fields[0] == "default":
+                _ip("route", "del", "default", "dev", dev)
         for s in subnets:
             _ip("route", "del", s, "dev", dev)
     except (OSError, IndexError) as exc:
