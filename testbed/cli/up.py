@@ -12,10 +12,18 @@ failure or Ctrl-C); print the same summary as ``run``.  The run directory lands 
 beside the results as ``compose.rendered.yaml``.  There is no simulated clock in containers:
 ``sim_time`` in the metrics and the summary is wall time (seconds since the protocol started).
 
-A party container killed by the kernel over its memory limit is reported as such
-(``docker inspect``: ``State.OOMKilled``), naming the party -- in the error and in the
-run's ``manifest.json``.  Exit codes as ``run``: 2 config, 3 protocol, 4 memory budget,
-5 transport; 1 anything else.
+The run's credentials (a per-run CA, one certificate and key per container) are made in
+a private temporary directory outside ``--runs`` and handed to each container as compose
+``secrets:`` files -- its own key only -- then deleted with the containers.  Every
+container gets memory, CPU and pids limits (``--party-memory``, ``--coordinator-memory``,
+``--cpus``, ``--pids`` where the scenario is silent).
+
+Nothing is lost: a party container killed by the kernel over its memory limit is reported
+as such (``docker inspect``: ``State.OOMKilled``), naming the party -- in the error and in
+the run's ``manifest.json``; when the coordinator itself dies, ``up`` merges every
+process's part into the run directory and marks it ``failed`` naming the coordinator; the
+parts of a run that did not end ``ok`` stay in ``<runs>/.work/<name>/parts/``.  Exit codes
+as ``run``: 2 config, 3 protocol, 4 memory budget, 5 transport; 1 anything else.
 """
 import datetime as dt
 import json

@@ -89,4 +89,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # the parts are closed; leave now rather than let interpreter shutdown race the transport's
+    # daemon threads (a reader still logging at shutdown aborts the process: exit 134)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

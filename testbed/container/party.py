@@ -14,6 +14,7 @@ exit code); an abort from the coordinator ends it with exit code 10 (``ABORTED``
 cause is elsewhere), and losing the coordinator with the transport error's code.
 """
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -22,7 +23,8 @@ from testbed.engine.codec import Message
 from testbed.errors import TransportError
 from testbed.scenario import LinkCfg
 
-from .process import COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges
+from .process import (COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges,
+                      effective_capabilities)
 from .isolation import restrict_routes
 from .replica import replica_index
 from .shaping import apply_shaping, emulation_for
@@ -78,6 +80,7 @@ class Party(Process):
                 where = [st.coordinator[0], *(table["processes"][p][0] for p in peers)]
                 isolation = "; " + restrict_routes(where, st.link_dev)
             drop_privileges()
+            isolation += f"; uid {os.getuid()}, capabilities {effective_capabilities():#x}"
             self.node.set_emulation(COORDINATOR,
                                     emulation_for(links[self.name], links[COORDINATOR], shaping))
             for p in peers:
