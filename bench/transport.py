@@ -9,10 +9,11 @@ the container engine pays per frame: mutual TLS 1.3 (a per-run CA and one certif
 node, made once before timing; AES-GCM on every byte, both ends), the outbox thread, the
 size and src checks.  The raw path writes a
 4-byte length and the encoded bytes with ``sendall`` and reads them back with
-``recv_into``.  Printed: MiB/s of each (best of ``--repeat``) and transport/raw
-(goal: >= 0.8).  The numbers depend on the machine's load; run it on a quiet one.
+``recv_into``; the bare-TLS path does the same over an ``ssl`` socket.  Printed: MiB/s of
+each (best of ``--repeat``), transport/raw (goal: >= 0.8) and transport/bare TLS.  The numbers depend on the machine's load; run it on a quiet one.
 """
 import argparse
+import os
 import socket
 import struct
 import sys
@@ -39,13 +40,17 @@ def messages(mib, count):
     return [codec.Message(kind="act", step=i, meta={"layer": 0}, tensors={"hidden": t}) for i in range(count)]
 
 
-def raw(msgs):
-    """Seconds to send ``msgs`` over a plain TCP socket (length prefix + codec bytes)."""
+def raw(msgs, tls=False):
+    """Seconds to send ``msgs`` over a plain TCP socket (length prefix + codec bytes); with
+    ``tls``, over a bare mutual-TLS socket of the same credentials (what any transport on
+    Python's ``ssl`` pays, without the Node's threads and checks)."""
     server = socket.create_server(("127.0.0.1", 0))
     done = threading.Event()
 
     def receive():
         conn, _ = server.accept()
+        if tls:
+            conn = Identity.from_dir(PKI, "b").server_context().wrap_socket(conn, server_side=True)
         head = bytearray(4)
         for _ in msgs:
             _read(conn, memoryview(head))
@@ -57,6 +62,8 @@ def raw(msgs):
     threading.Thread(target=receive, daemon=True).start()
     sock = socket.create_connection(server.getsockname())
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls:
+        sock = Identity.from_dir(PKI, "a").client_context().wrap_socket(sock, server_hostname="b")
     t0 = time.perf_counter()
     for m in msgs:
         data = codec.encode(m)
@@ -107,18 +114,23 @@ def main(argv=None):
     args = p.parse_args(argv)
     msgs = messages(args.mib, args.messages)
     total = sum(len(codec.encode(m)) for m in msgs[:1]) * len(msgs)
-    best = {"raw socket": float("inf"), "transport": float("inf")}
-    for _ in range(args.repeat):   # interleaved, so a burst of load hits both alike
+    best = {"raw socket": float("inf"), "tls socket": float("inf"), "transport": float("inf")}
+    for _ in range(args.repeat):   # interleaved, so a burst of load hits all alike
         best["raw socket"] = min(best["raw socket"], raw(msgs))
+        best["tls socket"] = min(best["tls socket"], raw(msgs, tls=True))
         best["transport"] = min(best["transport"], transport(msgs))
     print(f"{args.messages} messages of {args.mib} MiB ({total / 2**20:.0f} MiB), best of {args.repeat}:")
     for name, dt in best.items():
         print(f"  {name:<11} {total / 2**20 / dt:9.1f} MiB/s  ({dt:.3f} s)")
     ratio = best["raw socket"] / best["transport"]
     print(f"  transport / raw = {ratio:.2f}  (goal >= 0.8)")
+    print(f"  transport / bare TLS socket = {best['tls socket'] / best['transport']:.2f}  "
+          "(the ceiling of a transport on Python's ssl here)")
     print(f"  TLS: {ssl.OPENSSL_VERSION}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)   # daemon transport threads need no orderly interpreter shutdown
