@@ -70,7 +70,8 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         "parties": {"memory_budget": "300MiB", "cpus": 1.5, "overrides": {1: {"memory_budget": "1GiB"}}},
         "coordinator": {"cpus": 2}})
     c = render_compose(sc, image="img", work_dir=tmp_path / "w", runs_dir=tmp_path / "runs", project_dir=ROOT,
-                       run_name="r", secret="s", n_parties=2, mem_overhead=parse_size("512MiB"))
+                       run_name="r", credentials_dir=tmp_path / "keys", n_parties=2,
+                       mem_overhead=parse_size("512MiB"))
     s = c["services"]
     assert set(s) == {"prepare", "coordinator", "party-0", "party-1"}
     assert c["networks"] == {"testbed": {"internal": True}}
@@ -85,10 +86,21 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         assert p["environment"]["PARTY"] == str(i) and p["environment"]["COORDINATOR"] == "coordinator:7070"
         assert p["environment"]["TESTBED_GPU_MEMORY_BUDGET"] == str(budget)
         assert p["cap_add"] == ["NET_ADMIN"] and p["networks"] == ["testbed"]
+        assert p["environment"]["RUN_AS"] == "65534:65534"     # unprivileged once shaped
+        # only its own key, as files; the CA certificate to check everybody else's
+        assert p["secrets"] == [{"source": "ca", "target": "ca.crt"},
+                                {"source": f"party-{i}-crt", "target": f"party-{i}.crt"},
+                                {"source": f"party-{i}-key", "target": f"party-{i}.key"}]
     co = s["coordinator"]
-    assert f"{w}/data:/data:ro" in co["volumes"] and co["cpus"] == 2 and "mem_limit" not in co
+    assert f"{w}/data:/data:ro" in co["volumes"] and co["cpus"] == 2
+    assert co["mem_limit"] == 6 << 30 and [x["source"] for x in co["secrets"]] == ["ca", "coordinator-crt",
+                                                                                  "coordinator-key"]
     assert s["prepare"]["network_mode"] == "none"
-    assert all(svc["environment"]["RUN_SECRET"] == "s" for n, svc in s.items() if n != "prepare")
+    for svc in s.values():   # limits for every container, the coordinator included; no key in a variable
+        assert svc["mem_limit"] > 0 and svc["cpus"] > 0 and svc["pids_limit"] == 512
+        assert svc["security_opt"] == ["no-new-privileges:true"]
+        assert not any("SECRET" in k or "KEY" in k for k in svc["environment"])
+    assert c["secrets"]["party-1-key"] == {"file": str(tmp_path / "keys" / "party-1.key")}
 
 
 @pytest.mark.docker
@@ -105,11 +117,25 @@ def test_compose_files_are_valid(docker_cli):
         {"capabilities": ["gpu"], "driver": "nvidia", "count": 1}]
     assert "TESTBED_GPU_MEMORY_FRACTION" in party["environment"]
     assert cfg["networks"]["testbed"]["internal"] is True
-    assert coord["depends_on"]["prepare"]["condition"] == "service_completed_successfully"
+    # no one-shot service: one that exits would end `up --exit-code-from coordinator` early
+    assert set(cfg["services"]) == {"coordinator", "party"} and coord["environment"]["SETUP"] == "1"
     assert coord["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
-    missing = subprocess.run(["docker", "compose", "-f", "compose.yaml", "config"], cwd=ROOT,
-                             capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "SCENARIO"})
-    assert missing.returncode != 0 and "SCENARIO" in missing.stderr
+    for svc in cfg["services"].values():   # limits for every container; keys never in a variable
+        limits = svc.get("deploy", {}).get("resources", {}).get("limits", {})
+        assert 512 in (svc.get("pids_limit"), limits.get("pids")) and svc["security_opt"] == ["no-new-privileges:true"]
+        assert not any("SECRET" in k for k in svc.get("environment") or {})
+    assert int(coord["deploy"]["resources"]["limits"]["memory"]) == 6 << 30
+    assert party["environment"]["RUN_AS"] == "65534:65534"
+    assert {"source": "credentials", "target": "/run/secrets", "read_only": True, "type": "volume"}.items() \
+        <= {k: v for m in party["volumes"] if m["target"] == "/run/secrets" for k, v in m.items()}.items()
+    # `docker compose down -v` (and config) need no variable at all
+    bare = {k: v for k, v in os.environ.items() if k not in ("SCENARIO", "PARTIES", "RUN_SECRET")}
+    quiet = subprocess.run(["docker", "compose", "-f", "compose.yaml", "config", "-q"], cwd=ROOT,
+                           capture_output=True, text=True, env=bare)
+    assert quiet.returncode == 0, quiet.stderr
+    down = subprocess.run(["docker", "compose", "-p", f"testbed-down-{secrets.token_hex(3)}", "-f", "compose.yaml",
+                           "down", "-v"], cwd=ROOT, capture_output=True, text=True, env=bare)
+    assert down.returncode == 0, down.stderr
 
 
 # -- end to end ---------------------------------------------------------------------------------------
@@ -181,18 +207,20 @@ def test_privatelora_tiny_under_plain_compose_matches_embedded(image, tmp_path):
     embedded = _embedded(tmp_path, "scenarios/privatelora-tiny.yaml")
     project = f"testbed-test-{secrets.token_hex(3)}"
     env = {**os.environ, "SCENARIO": "scenarios/privatelora-tiny.yaml", "PARTIES": "1",
-           "RESULTS": str(tmp_path / "runs"), "RUN_NAME": "plora", "RUN_SECRET": secrets.token_hex(16),
-           "TESTBED_IMAGE": image}
+           "RESULTS": str(tmp_path / "runs"), "RUN_NAME": "plora", "TESTBED_IMAGE": image}
+    env.pop("RUN_SECRET", None)
     compose = ["docker", "compose", "-p", project, "-f", "compose.yaml"]
     try:
-        r = subprocess.run([*compose, "up", "--no-color"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=1200)
+        r = subprocess.run([*compose, "up", "--no-color", "--exit-code-from", "coordinator"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=1200)
     finally:
         subprocess.run([*compose, "down", "-v", "-t", "5"], cwd=ROOT, env=env, capture_output=True)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "[privatelora] party-0 step 4/4" in r.stdout
+    # replica <project>-party-1 is party-0, and says so
+    assert f"party-0 (container {project}-party-1): registered" in r.stdout
     _same_run(embedded, tmp_path / "runs" / "plora")
-    assert not (tmp_path / "runs" / ".parts").exists()
+    assert not [p for p in (tmp_path / "runs" / ".parts").rglob("*") if p.is_file()]
 
 
 @pytest.mark.docker

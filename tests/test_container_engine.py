@@ -22,6 +22,7 @@ from testbed.net.engine import ContainerEngine, Mailbox
 from testbed.engine.sim import SimEngine
 from testbed.errors import ConfigError, ProtocolError, TransportError
 from testbed.engine.links import resolve_link
+from testbed.net.identity import Identity, make_credentials
 from testbed.net.transport import Node
 
 from conftest import tiny_scenario
@@ -90,8 +91,9 @@ def test_two_processes_over_tcp_match_the_embedded_engine(tmp_path):
     sim_index, _ = _sim(tmp_path)
     locate = {"alice": "A", "bob": "B"}
     boxes = {"A": Mailbox(), "B": Mailbox()}
-    nodes = {p: Node(p, b"k", host="127.0.0.1", on_message=lambda m, a, n, p=p: boxes[p].put(m, n))
-             for p in boxes}
+    pki = make_credentials(tmp_path / "pki", list(boxes))
+    nodes = {p: Node(Identity.from_dir(pki, p), host="127.0.0.1", owner=locate.get,
+                     on_message=lambda m, a, n, p=p: boxes[p].put(m, n)) for p in boxes}
     nodes["A"].add_peer("B", ("127.0.0.1", nodes["B"].port))
     nodes["B"].add_peer("A", ("127.0.0.1", nodes["A"].port))
     caps = {p: CaptureWriter(tmp_path / p, "pp") for p in boxes}
@@ -166,14 +168,15 @@ def test_role_errors_carry_the_role():
 def test_settings_report_every_problem():
     from testbed.container.settings import from_env
     with pytest.raises(ConfigError) as info:
-        from_env({"PORT": "x", "COORDINATOR": "nohost", "SHAPING": "fast", "MAX_FRAME": "big"})
+        from_env({"PORT": "x", "COORDINATOR": "nohost", "SHAPING": "fast", "MAX_FRAME": "big",
+                  "RUN_SECRET": "k"})
     text = str(info.value)
-    for key in ("SCENARIO: required", "RUN_SECRET: required", "PORT: expected a number",
+    for key in ("SCENARIO: required", "RUN_SECRET: no longer used", "PORT: expected a number",
                 "COORDINATOR: expected host:port", "SHAPING: must be one of", "MAX_FRAME:"):
         assert key in text
-    s = from_env({"SCENARIO": "x.yaml", "RUN_SECRET": "k", "COORDINATOR": "10.0.0.2:9000",
-                  "MAX_FRAME": "2MiB"})
+    s = from_env({"SCENARIO": "x.yaml", "COORDINATOR": "10.0.0.2:9000", "MAX_FRAME": "2MiB"})
     assert s.coordinator == ("10.0.0.2", 9000) and s.max_frame == 2 << 20 and s.party is None
+    assert s.credentials_dir == "/run/secrets"
 
 
 # -- data isolation ------------------------------------------------------------------------------
@@ -230,22 +233,76 @@ def test_a_party_over_its_memory_budget_fails_the_run_naming_it(tmp_path):
     assert "exceeds its budget 4.00 KiB" in manifest["error"]
 
 
-def test_a_party_that_dies_fails_the_run_instead_of_hanging(tmp_path):
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _train(records, party):
+    return [(r["protocol"], r["step"]) for r in records if r.get("event") == "train" and r.get("party") == party]
+
+
+def _kill_mid_run(tmp_path, victim):
     sc = tiny_scenario(baselines=[], training={"steps": 400, "eval_every": 400})
     lb = _loopback(tmp_path, sc)
     try:
         lb.start_coordinator()
         lb.start_parties()
         deadline = time.monotonic() + 300
-        while "[local] party-1 step 2/" not in lb.text("coordinator") and time.monotonic() < deadline:
+        while "[local] party-1 step 3/" not in lb.text("coordinator") and time.monotonic() < deadline:
             time.sleep(0.1)
-        lb.procs[party_name(1)].kill()    # as the kernel's OOM killer would
+        t = time.monotonic()
+        lb.procs[victim].kill()    # as the kernel's OOM killer would
         codes = lb.wait()
+        waited = time.monotonic() - t
     finally:
         lb.kill()
+    return lb, codes, waited
+
+
+def test_a_party_that_dies_fails_the_run_naming_it_and_loses_no_line(tmp_path):
+    from testbed.container.coordinator import ABORT_WAIT_S
+    lb, codes, waited = _kill_mid_run(tmp_path, party_name(1))
     manifest = json.loads((lb.run_dir / "manifest.json").read_text())
     assert codes["coordinator"] == 1, lb.text("coordinator")
-    assert manifest["status"] == "failed"
+    assert manifest["status"] == "failed" and manifest["end"]
     assert manifest["error"].startswith("party-1: connection lost before it finished")
-    metrics = [json.loads(line) for line in (lb.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(r.get("event") == "train" and r.get("party") == "party-0" for r in metrics)  # merged anyway
+    # the coordinator does not wait for a goodbye from the dead party
+    assert waited < ABORT_WAIT_S, lb.text("coordinator")
+    metrics = _lines(lb.run_dir / "metrics.jsonl")
+    for p in ("party-0", "party-1"):   # every line each party wrote -- the dead one's too -- is merged
+        part = _train(_lines(lb.parts / p / "metrics.jsonl"), p)
+        assert part and _train(metrics, p) == part
+    assert lb.parts.is_dir()           # a failed run keeps its parts
+
+
+def test_a_coordinator_that_dies_is_merged_from_its_parts_and_named(tmp_path):
+    lb, codes, _ = _kill_mid_run(tmp_path, "coordinator")
+    assert codes["party-0"] == codes["party-1"] == 5, lb.text("party-0")   # lost the coordinator
+    assert json.loads((lb.run_dir / "manifest.json").read_text())["status"] == "running"
+    manifest = lb.recover("coordinator: killed (exit code -9)")
+    assert manifest["status"] == "failed" and manifest["error"] == "coordinator: killed (exit code -9)"
+    metrics = _lines(lb.run_dir / "metrics.jsonl")
+    for p in ("party-0", "party-1"):
+        part = _train(_lines(lb.parts / p / "metrics.jsonl"), p)
+        assert len(part) >= 3 and _train(metrics, p) == part
+    truth = _lines(lb.run_dir / "truth" / "tokens.jsonl")
+    assert len(truth) == sum(len(_lines(lb.parts / p / "truth" / "tokens.jsonl")) for p in ("party-0", "party-1"))
+    assert lb.recover("again")["error"] == "again"                 # merging twice duplicates nothing
+    assert len(_lines(lb.run_dir / "metrics.jsonl")) == len(metrics)
+
+
+def test_a_process_that_drops_to_run_as_keeps_no_capability(tmp_path):
+    """What a party does once its link is shaped: uid 0 -> RUN_AS, and NET_ADMIN is gone."""
+    import os
+    import subprocess
+    import sys
+    if os.getuid() != 0:
+        pytest.skip("needs root: the switch is from uid 0")
+    code = ("from testbed.container.process import drop_privileges, effective_capabilities as e;"
+            "import os; before = e(); after = drop_privileges();"
+            "print(before & (1 << 12) != 0, os.getuid(), os.getgid(), os.getgroups(), after)")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "RUN_AS": "65534:65534"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # CAP_NET_ADMIN (bit 12) before, when the test runs with it; nothing after
+    assert r.stdout.split()[1:] == ["65534", "65534", "[]", "0"], r.stdout

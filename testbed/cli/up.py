@@ -12,19 +12,27 @@ failure or Ctrl-C); print the same summary as ``run``.  The run directory lands 
 beside the results as ``compose.rendered.yaml``.  There is no simulated clock in containers:
 ``sim_time`` in the metrics and the summary is wall time (seconds since the protocol started).
 
-A party container killed by the kernel over its memory limit is reported as such
-(``docker inspect``: ``State.OOMKilled``), naming the party -- in the error and in the
-run's ``manifest.json``.  Exit codes as ``run``: 2 config, 3 protocol, 4 memory budget,
-5 transport; 1 anything else.
+The run's credentials (a per-run CA, one certificate and key per container) are made in
+a private temporary directory outside ``--runs`` and handed to each container as compose
+``secrets:`` files -- its own key only -- then deleted with the containers.  Every
+container gets memory, CPU and pids limits (``--party-memory``, ``--coordinator-memory``,
+``--cpus``, ``--pids`` where the scenario is silent).
+
+Nothing is lost: a party container killed by the kernel over its memory limit is reported
+as such (``docker inspect``: ``State.OOMKilled``), naming the party -- in the error and in
+the run's ``manifest.json``; when the coordinator itself dies, ``up`` merges every
+process's part into the run directory and marks it ``failed`` naming the coordinator; the
+parts of a run that did not end ``ok`` stay in ``<runs>/.work/<name>/parts/``.  Exit codes
+as ``run``: 2 config, 3 protocol, 4 memory budget, 5 transport; 1 anything else.
 """
 import datetime as dt
 import json
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +47,7 @@ from testbed.scenario import load_scenario
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "testbed" / "container" / "build-image.sh"
 PROJECT_LABEL = "com.docker.compose.project"
-OOM_GRACE_S = 20   # how long the coordinator gets to notice a dead party by itself
+OOM_GRACE_S = 60   # how long the coordinator gets to notice a dead party and merge by itself
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # log records below WARNING and compose's own notices are not progress
 QUIET = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ \w+ (INFO|DEBUG) |^\S+ exited with code \d+$")
@@ -63,6 +71,12 @@ def add_up_arguments(p):
     p.add_argument("--probe-bytes", default="0", help="bandwidth probe per link at startup, e.g. 1MiB")
     p.add_argument("--recv-timeout", type=float, default=600, help="seconds a role may wait in one Recv")
     p.add_argument("--shaping", default="auto", choices=["auto", "tc", "sender", "off"])
+    p.add_argument("--party-memory", default="4GiB",
+                   help="memory limit of a party container whose scenario sets no memory_budget")
+    p.add_argument("--coordinator-memory", default="6GiB", help="memory limit of the coordinator container")
+    p.add_argument("--cpus", type=float, default=2.0,
+                   help="CPU limit of a container whose scenario sets none (parties.cpus, coordinator.cpus)")
+    p.add_argument("--pids", type=int, default=512, help="pids limit of every container")
     p.add_argument("--keep", action="store_true", help="leave the containers and work files for debugging")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -148,7 +162,13 @@ def _wait(project):
             # parties that exit after the coordinator (told to abort) are a consequence, not a
             # cause -- unless the kernel killed them
             late = {p: c for p, c in _party_deaths(project).items() if "OOM" in c}
-            return coord.attrs["State"]["ExitCode"], {**deaths, **late}
+            state = coord.attrs["State"]
+            if state["OOMKilled"]:
+                limit = coord.attrs["HostConfig"].get("Memory") or 0
+                deaths["coordinator"] = f"container OOM-killed (memory limit {fmt_bytes(limit)})"
+            elif state["ExitCode"] in (137, 143) or state["ExitCode"] < 0:
+                deaths["coordinator"] = f"container killed (exit code {state['ExitCode']})"
+            return state["ExitCode"], {**deaths, **late}
         seen = _party_deaths(project)
         # after the first failure the others are told to abort: only the kernel's kills still count
         deaths.update(seen if first_death is None else {p: c for p, c in seen.items() if "OOM" in c})
@@ -161,14 +181,21 @@ def _wait(project):
         time.sleep(1.0)
 
 
-def _finish_run_dir(run_dir, rendered, deaths):
-    """Beside the results: the rendered compose file; in the manifest: what killed a party."""
+def _finish_run_dir(run_dir, rendered, deaths, scenario, parts, code):
+    """Beside the results: the rendered compose file; in the manifest: what killed a party.
+    A run whose coordinator died before finishing it is merged here, from the parts."""
+    from testbed.container.merge import recover_run
     shutil.copy(rendered, run_dir / "compose.rendered.yaml")
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    if manifest.get("status") == "running":
+        cause = deaths.get("coordinator") or f"exited with code {code} before finishing the run"
+        _step(f"the coordinator died ({cause}); merging the parts here")
+        manifest = recover_run(run_dir, parts, scenario, f"coordinator: {cause}")
+    deaths = {p: c for p, c in deaths.items() if p != "coordinator"}
     if deaths:
         manifest["containers"] = {**manifest.get("containers", {}), "party_failures": deaths}
         causes = "; ".join(f"{p}: {c}" for p, c in sorted(deaths.items()))
-        if manifest.get("status") != "ok":
+        if manifest.get("status") != "ok" and not manifest.get("error", "").startswith(causes):
             manifest["error"] = f"{causes} -- {manifest.get('error')}"
         (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     summary_path = run_dir / "summary.json"
@@ -182,7 +209,8 @@ def _finish_run_dir(run_dir, rendered, deaths):
 
 def main_up(args):
     from testbed.container.coordinator import parties_needed
-    from testbed.container.render import render_compose, work_dirs
+    from testbed.container.credentials import ensure_credentials
+    from testbed.container.render import UNPRIVILEGED, render_compose, work_dirs
     from testbed.run.summary import format_summary
     from testbed.units import parse_size
 
@@ -194,14 +222,22 @@ def main_up(args):
     project = "testbed-" + re.sub(r"[^a-z0-9_-]", "-", name.lower())
     ensure_image(args.image, build=not args.no_build)
     n = parties_needed(sc)
-    work = work_dirs(runs / ".work" / name, n)
+    host_user = f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else None
+    party_user = host_user or UNPRIVILEGED
+    work = work_dirs(runs / ".work" / name, n, party_user)
     (work / "scenario.yaml").write_text(yaml.safe_dump(sc.resolved(), sort_keys=False))
+    # the run's CA and keys: outside the runs directory, for this run only
+    credentials = Path(tempfile.mkdtemp(prefix="testbed-credentials-"))
+    ensure_credentials(credentials, n)
     rendered = work / "compose.rendered.yaml"
     compose = render_compose(
         sc, image=args.image, work_dir=work, runs_dir=runs, project_dir=Path.cwd(), run_name=name,
-        secret=secrets.token_hex(32), n_parties=n, mem_overhead=parse_size(args.mem_overhead),
+        credentials_dir=credentials, n_parties=n, mem_overhead=parse_size(args.mem_overhead),
         probe_bytes=parse_size(args.probe_bytes), recv_timeout=args.recv_timeout, shaping=args.shaping,
-        run_as=f"{os.getuid()}:{os.getgid()}" if os.getuid() != 0 else None, gpu=args.gpu)
+        run_as=host_user, party_user=party_user, gpu=args.gpu,
+        limits={"party_memory": parse_size(args.party_memory),
+                "coordinator_memory": parse_size(args.coordinator_memory),
+                "cpus": args.cpus, "pids": args.pids})
     rendered.write_text(yaml.safe_dump(compose, sort_keys=False))
     _step(f"rendered {rendered} ({n} party containers)")
     follower, code, deaths = None, None, {}
@@ -222,17 +258,22 @@ def main_up(args):
         if follower is not None:
             follower.terminate()
         if args.keep:
-            _step(f"left running: docker compose -p {project} -f {rendered} down -v")
+            _step(f"left running: docker compose -p {project} -f {rendered} down -v "
+                  f"(credentials in {credentials})")
         else:
             _compose(project, rendered, "down", "-v", "--remove-orphans", "-t", "5", check=False,
                      capture=True)
+            shutil.rmtree(credentials, ignore_errors=True)
             _step("containers removed")
     run_dir = runs / name
     if not (run_dir / "manifest.json").exists():
         raise ContainerRunFailed(f"the coordinator exited with {code} before creating {run_dir}"
-                                 + (f"; {deaths}" if deaths else ""), code or 1)
-    summary, manifest = _finish_run_dir(run_dir, rendered, deaths)
-    if not args.keep:
+                                 + (f"; {deaths}" if deaths else "") + f" (work files kept in {work})",
+                                 code or 1)
+    summary, manifest = _finish_run_dir(run_dir, rendered, deaths, sc, work / "parts", code)
+    if manifest.get("status") != "ok":   # what each process wrote stays, whatever was merged
+        _step(f"run failed: every process's part is kept in {work / 'parts'}")
+    elif not args.keep:
         shutil.rmtree(work, ignore_errors=True)
         try:
             work.parent.rmdir()   # runs/.work, when no other run uses it

@@ -1,7 +1,9 @@
-"""``python -m testbed.container prepare|coordinator|party`` -- a container's entry point.
+"""``python -m testbed.container credentials|prepare|coordinator|party`` -- a container's entry point.
 
 The command comes from the first argument or the ``ROLE`` environment variable; every
-other setting from the environment (:mod:`testbed.container.settings`).  Known errors
+other setting from the environment (:mod:`testbed.container.settings`).  ``SETUP=1``: the
+coordinator first does what ``credentials`` and ``prepare`` do (the plain compose.yaml, where
+one-shot services would end ``docker compose up --exit-code-from coordinator`` early).  Known errors
 print one line and exit with the error's code (2 config, 3 protocol, 4 memory budget,
 5 transport); SIGTERM (``docker stop``) ends the run as interrupted, not silently.
 """
@@ -10,8 +12,7 @@ import os
 import signal
 import sys
 
-COMMANDS = ("prepare", "coordinator", "party")
-PUBLIC_SECRET = "insecure-default-run-secret"   # compose.yaml's default
+COMMANDS = ("credentials", "prepare", "coordinator", "party")
 
 
 def _interrupt(signum, frame):
@@ -52,19 +53,28 @@ def main(argv=None):
 
     from .settings import from_env
     try:
-        settings = from_env(need_secret=command != "prepare")
-        if settings.secret == PUBLIC_SECRET:
-            logging.getLogger(__name__).warning("RUN_SECRET is compose.yaml's public default: anyone on "
-                                                "the network can forge frames; set a random one")
+        settings = from_env()
         scenario = load_scenario(settings.scenario)
+        setup = command == "coordinator" and os.environ.get("SETUP") == "1"
+        if command == "credentials" or setup:
+            from .credentials import ensure_credentials
+            print(ensure_credentials(settings.credentials_dir, scenario.parties.count), flush=True)
+            if settings.parts_dir or setup:   # the shared parts volume: parties write there as nobody
+                parts = settings.parts_dir or os.path.join(settings.results_dir, ".parts")
+                os.makedirs(parts, exist_ok=True)
+                os.chmod(parts, 0o1777)
+            if command == "credentials":
+                return 0
         configure_torch()
-        if command == "prepare":
+        if command == "prepare" or setup:
             from .prepare import prepare
             from .process import drop_privileges
-            drop_privileges()
+            if command == "prepare":
+                drop_privileges()
             info = prepare(scenario, settings.data_dir, settings.base_dir)
-            print(f"prepared {info['parties']} party shards of {scenario.name} in {settings.data_dir}")
-            return 0
+            print(f"prepared {info['parties']} party shards of {scenario.name} in {settings.data_dir}", flush=True)
+            if command == "prepare":
+                return 0
         if command == "coordinator":
             from .coordinator import main as run
         else:
@@ -79,4 +89,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # the parts are closed; leave now rather than let interpreter shutdown race the transport's
+    # daemon threads (a reader still logging at shutdown aborts the process: exit 134)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -3,8 +3,7 @@
     python -m testbed.container coordinator      (env: see testbed/container/settings.py)
 
 It creates the run directory (``mode: containers``), admits the parties as they
-register (a party that asks for an index gets it; the others get the lowest free one)
-and sends each the address table; then the parties shape their links and measure them,
+register (each is the party its certificate names) and sends each the address table; then the parties shape their links and measure them,
 and for the scenario's protocol and each of its baselines the coordinator starts the
 protocol everywhere, runs its own server-side roles (``coordinator``, ``cloud``,
 ``server``, ``site``, ...) and waits for every party's statistics.  At the end it merges
@@ -18,7 +17,9 @@ directory ends ``failed`` with that error instead of hanging.
 """
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from .shaping import apply_shaping, emulation_for
 from .shards import DataView, Unavailable, coordinator_view, load_init_model
 
 log = logging.getLogger(__name__)
+ABORT_WAIT_S = 30   # how long live parties get to flush their parts and say goodbye
 
 
 def protocol_roles(scenario, name, data, init_model):
@@ -64,6 +66,7 @@ class Coordinator(Process):
         self.phases = list(dict.fromkeys([scenario.protocol.name, *scenario.baselines]))
         self.parties = {}          # name -> (host, port)
         self.gone = set()          # parties that said goodbye or reported their own error
+        self.dead = set()          # parties whose connection ended: nothing more will come
         self.registration_closed = False
         self.links = {}
 
@@ -92,6 +95,7 @@ class Coordinator(Process):
             super().unexpected(msg, address, waiting_for)
 
     def on_lost(self, peer, reason):
+        self.dead.add(peer)
         if peer in self.parties and peer not in self.gone:
             self.fail(RemoteFailure(
                 f"{peer}: connection lost before it finished ({reason}); the process died -- killed "
@@ -113,6 +117,9 @@ class Coordinator(Process):
         drop_privileges()
         rundir = RunDir(st.results_dir, sc, mode="containers", name=st.run_name)
         parts = Path(st.parts_root(rundir.path.name))
+        if not st.parts_dir:   # parties that dropped to another user make their part directories here
+            parts.mkdir(parents=True, exist_ok=True)
+            os.chmod(parts, 0o1777)
         self.writer = PartWriter(parts / COORDINATOR)
         print(f"run directory: {rundir.path}", flush=True)
         try:
@@ -133,6 +140,8 @@ class Coordinator(Process):
             print(f"run finished: {rundir.path}", flush=True)
             return 0
         except BaseException as exc:  # noqa: BLE001 -- every failure ends the run as 'failed'
+            # a second stop (``docker stop``) must not cut the merge short: it is what keeps the lines
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RemoteFailure) else str(exc)
             if getattr(exc, "role", None):
                 error = f"coordinator failed in role {exc.role}: {error}"
@@ -186,17 +195,14 @@ class Coordinator(Process):
             msg, address = self.next_control(self.settings.register_timeout,
                                              f"{n - len(self.parties)} more of {n} parties to register",
                                              kinds=("_register",))
-            m = msg.meta
-            host, port = m.get("host") or address[0], int(m["port"])
-            taken = {int(p.split("-")[1]) for p in self.parties}
-            want = m.get("index")
-            if want is not None and (not 0 <= int(want) < n or int(want) in taken):
-                self._reject(msg, address, f"party index {want} is "
-                                           f"{'taken' if int(want) in taken else 'out of range'} "
-                                           f"(parties.count is {n})")
+            # msg.src is the name on the certificate its connection showed (the transport checks)
+            name, m = msg.src, msg.meta
+            index = int(name.split("-")[1]) if re.fullmatch(r"party-\d+", name or "") else None
+            if index is None or not 0 <= index < n or name in self.parties:
+                why = "registered already" if name in self.parties else "not a party of this run"
+                self._reject(msg, address, f"{name} is {why} (parties.count is {n})")
                 continue
-            index = int(want) if want is not None else min(set(range(n)) - taken)
-            name = party_name(index)
+            host, port = m.get("host") or address[0], int(m["port"])
             self.parties[name] = (host, port)
             self.node.add_peer(name, (host, port),
                                emulation_for(self.links[COORDINATOR], self.links[name], self.shaping))
@@ -251,15 +257,17 @@ class Coordinator(Process):
         return merged
 
     def _abort(self, reason):
-        live = [p for p in self.parties if p not in self.gone]
+        live = [p for p in self.parties if p not in self.gone and p not in self.dead]
         for p in live:
             try:
                 self.tell(p, "_abort", reason=reason)
             except TransportError:
                 pass
-        deadline = time.monotonic() + 30
-        while any(p not in self.gone for p in live) and time.monotonic() < deadline:
-            time.sleep(0.2)   # parties flush their parts before they say goodbye
+        # parties flush their parts before they say goodbye; one whose connection ended is dead
+        # (killed) and will say nothing: its part is merged as it stands
+        deadline = time.monotonic() + ABORT_WAIT_S
+        while any(p not in self.gone and p not in self.dead for p in live) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 def main(settings, scenario):

@@ -10,14 +10,16 @@ debugging the container engine without building an image.
 import argparse
 import os
 import re
-import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from .coordinator import parties_needed
+from .credentials import ensure_credentials
 
 PORT_LINE = re.compile(r"register on port (\d+)")
 
@@ -29,8 +31,11 @@ class Loopback:
     def __init__(self, scenario, scenario_file, data_dir, runs_dir, run_name, env=None, party_env=None):
         self.scenario, self.n = scenario, parties_needed(scenario)
         self.run_dir = Path(runs_dir) / run_name
+        # the run's keys live outside the runs directory, and only as long as the run
+        self.credentials = tempfile.mkdtemp(prefix="testbed-credentials-")
+        ensure_credentials(self.credentials, scenario.parties.count)
         self.env = {**os.environ, "SCENARIO": str(scenario_file), "DATA_DIR": str(data_dir),
-                    "RESULTS_DIR": str(runs_dir), "RUN_NAME": run_name, "RUN_SECRET": secrets.token_hex(16),
+                    "RESULTS_DIR": str(runs_dir), "RUN_NAME": run_name, "CREDENTIALS_DIR": self.credentials,
                     "SHAPING": "off", "PORT": "0", "PYTHONUNBUFFERED": "1", "REGISTER_TIMEOUT": "120",
                     **(env or {})}
         self.party_env = party_env or {}
@@ -81,10 +86,22 @@ class Loopback:
         time.sleep(0.2)   # let the pump threads drain the pipes
         return codes
 
+    def recover(self, error):
+        """What ``up`` does when the coordinator died: merge the parts into the run directory
+        and mark it failed with ``error``; returns the manifest."""
+        from .merge import recover_run
+        return recover_run(self.run_dir, self.parts, self.scenario, error)
+
+    @property
+    def parts(self):
+        return Path(self.env["RESULTS_DIR"]) / ".parts" / self.run_dir.name
+
     def kill(self):
+        """Kill what still runs and remove the run's credentials."""
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.kill()
+        shutil.rmtree(self.credentials, ignore_errors=True)
 
     def text(self, name):
         return "".join(self.output.get(name, []))
@@ -107,7 +124,10 @@ def main(argv=None):
     lb = Loopback(sc, Path(args.scenario).resolve(), data.resolve(), Path(args.runs).resolve(), name)
     lb.start_coordinator()
     lb.start_parties()
-    codes = lb.wait()
+    try:
+        codes = lb.wait()
+    finally:
+        lb.kill()
     print(lb.text("coordinator"))
     return codes["coordinator"]
 

@@ -7,8 +7,12 @@ by its sender.  The coordinator merges them into the layout of the embedded engi
 (:mod:`testbed.rundir`): metrics and truth interleaved by time, the capture ordered by
 send time (seconds since the protocol started, on the hosts' shared clock) and numbered
 afresh, tensors re-keyed ``<seq>/<name>`` into ``capture/tensors/<protocol>-step<N>``.
+When the coordinator itself died, :func:`recover_run` does the same from the host.
 """
+import datetime as dt
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -83,3 +87,46 @@ def _merge_capture(out_dir, parts, protocol, keep_tensors):
     finally:
         writer.close()
     log.info("capture: merged %d messages from %d parts", len(entries), len(parts))
+
+
+class _Reopened:
+    """An existing run directory, written the way :class:`testbed.rundir.RunDir` writes it."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        (self.path / "truth").mkdir(parents=True, exist_ok=True)
+        self._metrics = open(self.path / "metrics.jsonl", "w", buffering=1)
+        self._truth = open(self.path / "truth" / "tokens.jsonl", "w", buffering=1)
+
+    def metric(self, record):
+        self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truth(self, protocol, party, step, input_ids):
+        self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
+                                      "input_ids": input_ids.tolist()}) + "\n")
+
+    def close(self):
+        self._metrics.close()
+        self._truth.close()
+
+
+def recover_run(run_path, parts_root, scenario, error):
+    """Finish the run directory of a run whose coordinator died before it did: merge every
+    process's part afresh (whatever a half-done merge left is replaced) and mark the
+    manifest ``failed`` with ``error``.  The parts are left where they are."""
+    run_path = Path(run_path)
+    for stale in (run_path / "capture" / "index.jsonl", *(run_path / "capture" / "tensors").glob("*")):
+        stale.unlink(missing_ok=True)
+    out = _Reopened(run_path)
+    try:
+        merge_parts(out, parts_root, scenario, list(dict.fromkeys([scenario.protocol.name, *scenario.baselines])))
+    finally:
+        out.close()
+    manifest_path = run_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(status="failed", error=error,
+                    end=manifest.get("end") or dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, manifest_path)
+    return manifest

@@ -2,8 +2,10 @@
 
     python -m testbed.container party      (env: see testbed/container/settings.py)
 
-Registers with the coordinator (asking for ``PARTY`` when set), receives its name,
-the address table and every process's link; loads only its own shard
+Is party ``PARTY`` (or, under plain ``docker compose up`` with replicas, the replica
+number minus one: replica ``<project>-party-1`` is ``party-0``), with that name's
+certificate; registers with the coordinator, receives the address table and every
+process's link; loads only its own shard
 (``DATA_DIR/party-<i>/``) and the public starting checkpoint; shapes its link; measures
 its links; then runs its role (``party-<i>``) of each protocol the coordinator starts,
 talking to the other roles directly, and writes its part of the run directory.  An
@@ -12,7 +14,8 @@ exit code); an abort from the coordinator ends it with exit code 10 (``ABORTED``
 cause is elsewhere), and losing the coordinator with the transport error's code.
 """
 import logging
-import secrets
+import os
+import threading
 from pathlib import Path
 
 from parties.base import party_name
@@ -20,7 +23,10 @@ from testbed.engine.codec import Message
 from testbed.errors import TransportError
 from testbed.scenario import LinkCfg
 
-from .process import COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges
+from .process import (COORDINATOR, PartWriter, Process, RemoteFailure, drop_privileges,
+                      effective_capabilities)
+from .isolation import restrict_routes
+from .replica import replica_index
 from .shaping import apply_shaping, emulation_for
 from .settings import ABORTED
 from .shards import load_init_model, party_view
@@ -30,10 +36,14 @@ log = logging.getLogger(__name__)
 
 class Party(Process):
     def __init__(self, settings, scenario):
-        name = (party_name(settings.party) if settings.party is not None
-                else f"registrant-{secrets.token_hex(4)}")   # named by the coordinator later
-        super().__init__(name, settings, scenario)
+        self.replica = None   # the compose container name, when the index came from it
+        if settings.party is not None:
+            index = settings.party
+        else:
+            index, self.replica = replica_index()
         self.finished = False
+        self.coordinator_gone = threading.Event()
+        super().__init__(party_name(index), settings, scenario)
 
     def on_control(self, msg, address):
         if msg.kind == "_abort":
@@ -41,11 +51,10 @@ class Party(Process):
         super().on_control(msg, address)
 
     def on_lost(self, peer, reason):
-        if peer == COORDINATOR and not self.finished:
-            self.fail(TransportError(f"{self.name}: lost the coordinator ({reason})"))
-
-    def _rename(self, name):
-        self.name = self.node.name = name
+        if peer == COORDINATOR:
+            self.coordinator_gone.set()
+            if not self.finished:
+                self.fail(TransportError(f"{self.name}: lost the coordinator ({reason})"))
 
     def run(self):
         """Take part in the run; returns the process exit code."""
@@ -60,21 +69,26 @@ class Party(Process):
                 print(f"registration rejected: {msg.meta.get('reason')}", flush=True)
                 return 2
             table = msg.meta
-            self._rename(table["you"])
             index = int(self.name.split("-")[1])
             data, public = party_view(st.data_dir, sc, index, self.name)
             init_model = load_init_model(public, sc)
             links = {p: LinkCfg(**cfg) for p, cfg in table["links"].items()}
             shaping = apply_shaping(links[self.name], st.link_dev, st.shaping)
+            peers = [p for p in table["processes"] if p != self.name]
+            isolation = ""
+            if st.shaping != "off":   # a container: nothing but the run's processes is reachable
+                where = [st.coordinator[0], *(table["processes"][p][0] for p in peers)]
+                isolation = "; " + restrict_routes(where, st.link_dev)
             drop_privileges()
+            isolation += f"; uid {os.getuid()}, capabilities {effective_capabilities():#x}"
             self.node.set_emulation(COORDINATOR,
                                     emulation_for(links[self.name], links[COORDINATOR], shaping))
-            peers = [p for p in table["processes"] if p != self.name]
             for p in peers:
                 self.node.add_peer(p, table["processes"][p],
                                    emulation_for(links[self.name], links[p], shaping))
             self.writer = PartWriter(Path(st.parts_root(table["run"])) / self.name)
-            print(f"{self.name}: registered; link {shaping['detail']}", flush=True)
+            replica = f" (container {self.replica})" if self.replica else ""
+            print(f"{self.name}{replica}: registered; link {shaping['detail']}{isolation}", flush=True)
             self.tell(COORDINATOR, "_ack")
             return self._serve(peers, links, data, init_model)
         except RemoteFailure as exc:
@@ -101,6 +115,12 @@ class Party(Process):
             self.node.flush(timeout=10)
         except TransportError as exc:
             log.warning("%s: could not tell the coordinator %s: %s", self.name, kind, exc)
+            return
+        # exit only after the coordinator: under `docker compose up --exit-code-from coordinator`
+        # the first container to exit stops the others, and the coordinator may still be merging
+        if not self.coordinator_gone.wait(self.settings.recv_timeout):
+            log.warning("%s: the coordinator is still running %.0fs after %s", self.name,
+                        self.settings.recv_timeout, kind)
 
     def _serve(self, peers, links, data, init_model):
         while True:

@@ -5,10 +5,11 @@ Placement: role ``party-<i>`` runs in the container of party ``i``; every other 
 (``coordinator``, ``cloud``, ``server``, ``site``, ...) runs in the coordinator's.
 
 Control messages are codec messages whose kind starts with ``_``; they travel in the
-same authenticated frames as the protocol's but never reach a role, the capture or the
-byte counts.  Registration and start-up::
+same mutual-TLS connections as the protocol's (a process's name is its certificate's,
+:mod:`testbed.net.identity`) but never reach a role, the capture or the byte counts.
+Registration and start-up::
 
-    party -> coordinator   _register {index?, port, host?}
+    party -> coordinator   _register {index, port, host?}
     coordinator -> party   _table {you, run, parties, processes, links}   (or _reject)
     party -> coordinator   _ack                 (shard loaded, link shaped)
     coordinator -> party   _measure             (ping / probe every peer; one party at a time)
@@ -30,6 +31,7 @@ from testbed.engine.codec import Message
 from testbed.net.engine import ContainerEngine, Mailbox
 from testbed.errors import TestbedError, TransportError
 from testbed.run.runner import build_roles, endpoint_configs
+from testbed.net.identity import Identity
 from testbed.net.transport import Node
 
 log = logging.getLogger(__name__)
@@ -49,15 +51,33 @@ def process_link(scenario, process):
 
 
 def drop_privileges():
-    """With RUN_AS=uid:gid, switch to that user once the link is shaped (tc needs root),
-    so that the files this process writes belong to the host's user."""
+    """With RUN_AS=uid:gid, switch to that user once the link is shaped (tc needs root):
+    the files this process writes then belong to that user, and -- leaving uid 0 -- the
+    process loses every capability, NET_ADMIN included (checked).  Returns the effective
+    capability mask after the switch, or None when nothing changed."""
     spec = os.environ.get("RUN_AS", "")
     if not spec or os.getuid() != 0:
-        return
+        return None
     uid, _, gid = spec.partition(":")
+    os.setgroups([])
     os.setgid(int(gid or uid))
     os.setuid(int(uid))
     os.environ["HOME"] = "/tmp"
+    caps = effective_capabilities()
+    if int(uid) != 0 and caps:
+        raise TestbedError(f"RUN_AS={spec}: capabilities {caps:#x} survived the switch to uid {uid}")
+    return caps
+
+
+def effective_capabilities():
+    """This process's effective capability mask (CapEff of /proc/self/status; 0 when unknown)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
 
 
 class RemoteFailure(TestbedError):
@@ -112,8 +132,11 @@ class Process:
         self.writer = None
         self.closing = False
         # connecting may have to wait for a peer still starting (a coordinator importing torch)
-        self.node = Node(name, settings.secret, port=settings.port, max_frame=settings.max_frame,
-                         on_message=self._on_message, on_disconnect=self._on_disconnect,
+        # the plain compose file's coordinator may still be making the credentials
+        identity = Identity.wait_for(settings.credentials_dir, name, settings.register_timeout)
+        self.node = Node(identity, port=settings.port,
+                         max_frame=settings.max_frame, on_message=self._on_message,
+                         on_disconnect=self._on_disconnect, owner=host_of,
                          connect_timeout=settings.register_timeout, seed=scenario.seed)
 
     # -- transport callbacks (reader threads) ----------------------------------------------

@@ -4,7 +4,8 @@
 variable           meaning                                                     default
 =================  ==========================================================  ==================
 SCENARIO           scenario YAML (a path inside the container)                 required
-RUN_SECRET         the run's MAC key (coordinator and parties)                 required
+CREDENTIALS_DIR    ca.crt, <process>.crt, <process>.key (mutual TLS; files:     /run/secrets
+                   compose ``secrets:``, never variables)
 RUN_NAME           run directory name (coordinator)                            <scenario>-<time>
 DATA_DIR           prepared data: public/, truth/, party-<i>/                  /data
 RESULTS_DIR        where the coordinator writes the run directory              /results
@@ -12,7 +13,7 @@ PARTS_DIR          where each process writes its part (<dir>/<process>/)       R
 BASE_DIR           what ``data.path`` is relative to (prepare)                 .
 COORDINATOR        the coordinator's host:port (parties)                       coordinator:7070
 PORT               port this process listens on (0: any free one)              7070
-PARTY              the party index to ask for (empty: the coordinator assigns)  -
+PARTY              this party's index (empty: from the compose replica number)  -
 ADVERTISE_HOST     address peers should use (default: as the coordinator sees)  -
 RECV_TIMEOUT       seconds a role may wait in one Recv                         600
 REGISTER_TIMEOUT   seconds to wait for registrations / the address table       300
@@ -39,7 +40,7 @@ ABORTED = 10   # exit code of a party the coordinator told to stop (another proc
 @dataclass
 class Settings:
     scenario: str
-    secret: str = ""
+    credentials_dir: str = "/run/secrets"
     run_name: Optional[str] = None
     data_dir: str = "/data"
     results_dir: str = "/results"
@@ -67,7 +68,7 @@ def _address(value, key):
     return host, int(port)
 
 
-def from_env(env=None, need_secret=True):
+def from_env(env=None):
     """Settings from ``env`` (default ``os.environ``); every problem reported at once."""
     env = os.environ if env is None else env
     problems = []
@@ -95,8 +96,9 @@ def from_env(env=None, need_secret=True):
 
     if not env.get("SCENARIO"):
         problems.append("SCENARIO: required (path of the scenario YAML inside the container)")
-    if need_secret and not env.get("RUN_SECRET"):
-        problems.append("RUN_SECRET: required (the run's shared message-authentication key)")
+    if env.get("RUN_SECRET"):
+        problems.append("RUN_SECRET: no longer used, and a secret must not be a variable: the run's "
+                        "credentials are files in CREDENTIALS_DIR (unset RUN_SECRET)")
     coordinator = ("coordinator", DEFAULT_PORT)
     if env.get("COORDINATOR"):
         try:
@@ -107,7 +109,7 @@ def from_env(env=None, need_secret=True):
     if shaping not in ("auto", "tc", "sender", "off"):
         problems.append(f"SHAPING: must be one of auto, tc, sender, off (got {shaping!r})")
     s = Settings(
-        scenario=env.get("SCENARIO", ""), secret=env.get("RUN_SECRET", ""),
+        scenario=env.get("SCENARIO", ""), credentials_dir=env.get("CREDENTIALS_DIR") or "/run/secrets",
         run_name=env.get("RUN_NAME") or None, data_dir=env.get("DATA_DIR") or "/data",
         results_dir=env.get("RESULTS_DIR") or "/results", parts_dir=env.get("PARTS_DIR") or None,
         base_dir=env.get("BASE_DIR") or ".", coordinator=coordinator,

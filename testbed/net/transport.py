@@ -1,39 +1,45 @@
-"""The container engine's transport: authenticated, size-bounded frames over TCP.
+"""The container engine's transport: size-bounded frames over mutual TLS.
 
-One frame on the wire::
+A :class:`Node` is one process's endpoint: a listening socket whose reader threads
+authenticate every connection (TLS 1.3, a certificate of the run's CA on both ends,
+:mod:`testbed.net.identity`), then read, decode and check its frames; and one
+:class:`~testbed.net.outbox.Outbox` (a thread and an outgoing connection) per peer, so
+sending never blocks the caller.  Frames are ``u32 length | codec payload``
+(:mod:`testbed.net.frames`); tensors go from the codec's buffer to the socket and back
+into one buffer per frame, never pickled.
 
-    u32 big-endian payload length | 12-byte nonce | 16-byte AES-GMAC tag | payload
+The identity of a connection is the common name of the certificate its peer showed.
+Nothing sized by the peer is allocated before that: an unauthenticated connection costs
+a thread and TLS state only, for at most ``handshake_timeout`` seconds, and at most
+``max_pending`` of them exist at a time (more are closed at once).  An authenticated
+peer may hold ``max_per_peer`` connections.  What a receiver refuses -- each with one
+log line naming the peer and the reason:
 
-(the frame format and its authentication are in :mod:`testbed.net.frames`).  A
-:class:`Node` is one process's endpoint: a listening socket whose reader threads
-verify and decode every incoming frame, and one :class:`Outbox` (a thread and an
-outgoing connection) per peer, so sending never blocks the caller.
+* closes the connection: a failed or late TLS handshake (wrong CA, plain TCP, a
+  recorded connection replayed), the caps above, a length over ``max_frame`` (before
+  the body is read), a frame cut short, a frame stalled for ``frame_timeout`` seconds;
+* drops the frame, keeps the connection (the stream is still in step): a payload the
+  codec cannot decode, a message whose ``src`` is not hosted by the connection's
+  identity (``owner(src) != identity``; a control message's ``src`` must be the
+  identity itself), a frame the handler refuses (:class:`TransportError`).
 
-What a receiver rejects -- each with one log line naming the peer and the reason,
-after which that connection is closed while the node keeps serving the others:
+Replays and reordering inside a connection are refused by TLS itself (record sequence
+numbers under AEAD); ``on_disconnect`` fires only when a peer's *last* connection ends,
+so a stray connection that closes never looks like a dead process.
 
-* a length over ``max_frame`` bytes (before reading the body: nothing is buffered),
-* a frame cut short by the peer closing the connection (truncated),
-* a MAC that does not match (wrong secret, tampered or corrupted bytes),
-* a payload the codec cannot decode (malformed header, sizes that do not add up).
-
-Links: bandwidth is shaped by ``tc`` inside each container (testbed/container/shaping.py);
-the outbox adds the latency, jitter and loss that the kernel does not (no ``netem``):
-a frame is released ``latency + |N(0, jitter)|`` after it was sent, plus, per lost
-transmission, one serialization time and a retransmission timeout of twice the
-path latency (the same model as :mod:`testbed.engine.links`); optional pacing stands in for
-``tc`` where it is unavailable.  Each node measures what it saw: the RTT of a ``_ping``
-per peer, and per sending peer the bytes and busy time (first to last byte of each
-frame at the receiver) of the frames that arrived -- see :meth:`Node.link_report`.
+Each node measures what it saw: the RTT of a ``_ping`` per peer, and per sending peer
+the bytes and busy time (first to last byte of each frame at the receiver) of the frames
+that arrived -- see :meth:`Node.link_report`.
 
 Run the throughput benchmark:  python bench/transport.py
 """
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -42,113 +48,11 @@ from testbed.engine import codec
 from testbed.errors import TransportError
 
 from .frames import (CONTROL_PREFIX, DEFAULT_MAX_FRAME, FRAME_OVERHEAD, MEASURE_MIN_BYTES,  # noqa: F401
-                     FrameRejected, frame_header, mac, read_frame, verify)
+                     FrameRejected, read_frame)
+from .identity import peer_name
+from .outbox import Emulation, Outbox  # noqa: F401 -- Emulation is part of this module's API
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Emulation:
-    """What the sender adds to a link: one-way latency and jitter (seconds), loss
-    probability, and optional pacing (bits/s; 0 = leave bandwidth to ``tc``)."""
-
-    latency_s: float = 0.0
-    jitter_s: float = 0.0
-    loss: float = 0.0
-    pace_bps: float = 0.0
-    path_bps: float = 0.0   # the path's bandwidth, for the retransmission time of a loss
-
-    def delay(self, nbytes, rng):
-        """Seconds to hold a frame of ``nbytes`` before writing it to the socket."""
-        d = self.latency_s + (abs(rng.gauss(0.0, self.jitter_s)) if self.jitter_s else 0.0)
-        while self.loss > 0 and rng.random() < self.loss:
-            d += (nbytes * 8 / self.path_bps if self.path_bps else 0.0) + 2 * self.latency_s
-        return d
-
-
-class Outbox:
-    """One peer's outgoing connection: a FIFO delay line drained by its own thread."""
-
-    def __init__(self, node, peer, address, emulation, rng):
-        self.node, self.peer, self.address = node, peer, tuple(address)
-        self.emulation, self.rng = emulation or Emulation(), rng
-        self.queue, self.cond = deque(), threading.Condition()
-        self.sock, self.closing, self.failed = None, False, None
-        self.last_release, self.busy = 0.0, False
-        self.bytes, self.frames = 0, 0
-        self.thread = threading.Thread(target=self._run, name=f"outbox-{peer}", daemon=True)
-        self.thread.start()
-
-    def put(self, payload):
-        """Queue one payload; its frame header (with the MAC) is computed here, by the caller."""
-        head = frame_header(self.node.secret, payload)
-        with self.cond:
-            if self.failed:
-                raise TransportError(f"{self.node.name}: link to {self.peer} is down ({self.failed})")
-            now = time.perf_counter()
-            # TCP keeps order: a frame never overtakes the one before it
-            release = max(self.last_release, now + self.emulation.delay(len(payload), self.rng))
-            self.last_release = release
-            self.queue.append((release, head, payload))
-            self.cond.notify()
-
-    def _connect(self):
-        deadline = time.monotonic() + self.node.connect_timeout
-        while True:
-            try:
-                s = socket.create_connection(self.address, timeout=self.node.connect_timeout)
-                s.settimeout(None)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                return s
-            except OSError as exc:
-                if time.monotonic() > deadline or self.closing:
-                    raise TransportError(f"cannot connect to {self.peer} at "
-                                         f"{self.address[0]}:{self.address[1]}: {exc}") from None
-                time.sleep(0.2)
-
-    def _run(self):
-        next_free = 0.0
-        while True:
-            with self.cond:
-                while not self.queue and not self.closing:
-                    self.cond.wait()
-                if not self.queue:
-                    break
-                release = max(self.queue[0][0], next_free)
-                wait = release - time.perf_counter()
-                if wait > 0 and not self.closing:
-                    self.cond.wait(wait)
-                    continue
-                _, head, payload = self.queue.popleft()
-                self.busy = True
-            try:
-                if self.sock is None:
-                    self.sock = self._connect()
-                t0 = time.perf_counter()
-                self.sock.sendall(head)
-                self.sock.sendall(payload)
-                if self.emulation.pace_bps:
-                    next_free = t0 + (len(head) + len(payload)) * 8 / self.emulation.pace_bps
-                self.bytes += len(head) + len(payload)
-                self.frames += 1
-            except (OSError, TransportError) as exc:
-                with self.cond:
-                    self.failed = str(exc)
-                    self.queue.clear()
-                    self.busy = False
-                    self.cond.notify_all()
-                self.node._link_failed(self.peer, str(exc))
-                break
-            with self.cond:
-                self.busy = False
-                self.cond.notify_all()
-        if self.sock is not None:
-            self.sock.close()
-
-    def close(self):
-        with self.cond:
-            self.closing = True
-            self.cond.notify_all()
 
 
 @dataclass
@@ -162,33 +66,35 @@ class Received:
 
 
 class Node:
-    """One process's endpoint.
+    """One process's endpoint, named by its :class:`~testbed.net.identity.Identity`.
 
     ``on_message(msg, address, nbytes)`` gets every authenticated, decoded message that
     is not the node's own ``_ping``/``_pong``; raising :class:`TransportError` from it
-    rejects the frame (logged, connection closed).  ``on_disconnect(peer, reason)`` is
-    called when a connection from a named peer ends or the link to it fails."""
+    rejects the frame (logged).  ``on_disconnect(peer, reason)`` is called when the last
+    connection from a peer ends or the link to it fails.  ``owner(role)``: the process
+    (identity) allowed to send as ``role`` (default: the role itself)."""
 
-    def __init__(self, name, secret, host="0.0.0.0", port=0, max_frame=DEFAULT_MAX_FRAME,
-                 on_message=None, on_disconnect=None, connect_timeout=30.0, frame_timeout=600.0,
-                 seed=0):
-        if isinstance(secret, str):
-            secret = secret.encode()
-        if not secret:
-            raise TransportError("empty run secret: set RUN_SECRET")
-        self.name, self.secret, self.max_frame = name, secret, int(max_frame)
+    def __init__(self, identity, host="0.0.0.0", port=0, max_frame=DEFAULT_MAX_FRAME,
+                 on_message=None, on_disconnect=None, owner=None, connect_timeout=30.0,
+                 frame_timeout=600.0, handshake_timeout=10.0, max_pending=32, max_per_peer=4, seed=0):
+        self.name, self.identity, self.max_frame = identity.name, identity, int(max_frame)
+        self.server_context, self.client_context = identity.server_context(), identity.client_context()
         self.on_message = on_message or (lambda msg, address, nbytes: None)
         self.on_disconnect = on_disconnect or (lambda peer, reason: None)
+        self.owner = owner or (lambda role: role)
         self.connect_timeout, self.frame_timeout = connect_timeout, frame_timeout
-        self.rng = random.Random(f"{seed}/{name}")
+        self.handshake_timeout, self.max_pending, self.max_per_peer = handshake_timeout, max_pending, max_per_peer
+        self.rng = random.Random(f"{seed}/{self.name}")
         self.peers, self.outboxes, self.received = {}, {}, {}
         self.rejected = []          # (peer, reason), newest last
         self.rtt = {}               # peer -> seconds
+        self.pending, self.connections = 0, Counter()   # handshakes under way; open per identity
+        self.pending_peak = 0
         self._pongs, self._lock, self._closing = {}, threading.Lock(), False
         self._server = socket.create_server((host, port), reuse_port=False)
-        self._server.listen(64)
+        self._server.listen(128)
         self.port = self._server.getsockname()[1]
-        threading.Thread(target=self._accept, name=f"{name}-accept", daemon=True).start()
+        threading.Thread(target=self._accept, name=f"{self.name}-accept", daemon=True).start()
 
     # -- peers and sending -----------------------------------------------------------------
     def add_peer(self, peer, address, emulation=None):
@@ -291,57 +197,124 @@ class Node:
                 conn, address = self._server.accept()
             except OSError:
                 return
+            with self._lock:
+                full = self.pending >= self.max_pending
+                if not full:
+                    self.pending += 1
+                    self.pending_peak = max(self.pending_peak, self.pending)
+            if full:
+                self._reject(None, address, f"{self.max_pending} connections are already authenticating "
+                                            "(max_pending)")
+                conn.close()
+                continue
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._serve, args=(conn, address), daemon=True,
                              name=f"{self.name}-reader").start()
 
-    def _reject(self, peer, address, reason):
+    def _reject(self, peer, address, reason, closed=True):
         who = f"{peer or 'unauthenticated peer'} at {address[0]}:{address[1]}"
-        log.warning("%s: rejected a frame from %s: %s; connection closed", self.name, who, reason)
+        log.warning("%s: rejected %s from %s: %s%s", self.name, "a connection" if peer is None else "a frame",
+                    who, reason, "; connection closed" if closed else "")
         self.rejected.append((peer or f"{address[0]}:{address[1]}", reason))
 
+    def _handshake(self, conn, address):
+        """The TLS handshake, within ``handshake_timeout``; returns (socket, identity) or None.
+        The connection holds one of the ``max_pending`` places until this returns."""
+        reason = None
+        try:
+            conn.settimeout(self.handshake_timeout)
+            tls = self.server_context.wrap_socket(conn, server_side=True)
+            return tls, peer_name(tls)
+        except socket.timeout:
+            reason = f"no TLS handshake within {self.handshake_timeout:g}s"
+        except (ssl.SSLError, OSError, TransportError) as exc:
+            reason = f"TLS handshake failed: {exc}"
+        finally:
+            if reason is not None:
+                conn.close()
+                if not self._closing:
+                    self._reject(None, address, reason)
+            with self._lock:
+                self.pending -= 1
+        return None
+
     def _serve(self, conn, address):
-        peer, reason = None, "connection closed"
+        got = self._handshake(conn, address)
+        if got is None:
+            return
+        tls, peer = got
+        with self._lock:
+            over = self.connections[peer] >= self.max_per_peer
+            if not over:
+                self.connections[peer] += 1
+        if over:
+            self._reject(peer, address, f"{peer} holds {self.max_per_peer} connections already (max_per_peer)")
+            tls.close()
+            return
+        reason = "connection closed"
+        try:
+            reason = self._read_frames(tls, address, peer)
+        finally:
+            try:
+                tls.close()
+            except OSError:
+                pass
+            with self._lock:
+                self.connections[peer] -= 1
+                last = self.connections[peer] == 0
+        if last and not self._closing:
+            self.on_disconnect(peer, reason)
+
+    def _read_frames(self, tls, address, peer):
+        """Serve one authenticated connection until it ends; returns why it ended."""
         try:
             while True:
-                conn.settimeout(None)
-                got = read_frame(_Deadline(conn, self.frame_timeout), self.secret, self.max_frame)
+                tls.settimeout(None)   # between frames a peer may be silent (it is computing)
+                got = read_frame(_Deadline(tls, self.frame_timeout), self.max_frame)
                 if got is None:
-                    break
+                    return "connection closed"
                 payload, t_first, t_last = got
-                msg = codec.decode(payload)
-                # the peer is a process: named by its control frames (a protocol frame names a
-                # role, which may live in another process's container, e.g. ``cloud``)
-                if peer is None or msg.kind.startswith(CONTROL_PREFIX):
-                    peer = msg.src or peer
-                self._account(peer, len(payload) + FRAME_OVERHEAD, t_first, t_last)
-                if msg.kind == "_ping":
-                    self.send_message(msg.src, codec.Message(kind="_pong", meta=msg.meta))
-                elif msg.kind == "_probe":
-                    self.send_message(msg.src, codec.Message(kind="_pong", meta={
-                        "token": msg.meta.get("token"), "bytes": len(payload) + FRAME_OVERHEAD,
-                        "seconds": t_last - t_first}))
-                elif msg.kind == "_pong":
-                    ev = self._pongs.pop(msg.meta.get("token"), None)
-                    if ev is not None:
-                        ev.arrived, ev.reply = t_last, msg.meta
-                        ev.set()
-                else:
-                    self.on_message(msg, address, len(payload))
+                try:
+                    msg = codec.decode(payload)
+                    self._check_src(msg, peer)
+                    self._account(peer, len(payload) + FRAME_OVERHEAD, t_first, t_last)
+                    self._dispatch(msg, payload, t_first, t_last, address)
+                except TransportError as exc:   # the stream is still in step: drop this frame only
+                    self._reject(peer, address, str(exc), closed=False)
+                except Exception as exc:  # a handler's bug must not kill the reader silently
+                    self._reject(peer, address, f"{type(exc).__name__}: {exc}", closed=False)
         except TransportError as exc:
             reason = str(exc)
-            self._reject(peer, address, reason)
         except OSError as exc:
             reason = f"connection error: {exc}"
-            if not self._closing:
-                self._reject(peer, address, reason)
-        except Exception as exc:  # a handler's error must not kill the reader silently
-            reason = f"{type(exc).__name__}: {exc}"
-            self._reject(peer, address, reason)
-        finally:
-            conn.close()
-        if peer is not None and not self._closing:
-            self.on_disconnect(peer, reason)
+            if self._closing:
+                return reason
+        self._reject(peer, address, reason)
+        return reason
+
+    def _check_src(self, msg, peer):
+        if msg.kind.startswith(CONTROL_PREFIX):
+            ok = msg.src == peer
+        else:
+            ok = bool(msg.src) and self.owner(msg.src) == peer
+        if not ok:
+            raise FrameRejected(f"message {msg.kind!r} claims src {msg.src!r}, which the connection's "
+                                f"authenticated identity {peer!r} may not send as")
+
+    def _dispatch(self, msg, payload, t_first, t_last, address):
+        if msg.kind == "_ping":
+            self.send_message(msg.src, codec.Message(kind="_pong", meta=msg.meta))
+        elif msg.kind == "_probe":
+            self.send_message(msg.src, codec.Message(kind="_pong", meta={
+                "token": msg.meta.get("token"), "bytes": len(payload) + FRAME_OVERHEAD,
+                "seconds": t_last - t_first}))
+        elif msg.kind == "_pong":
+            ev = self._pongs.pop(msg.meta.get("token"), None)
+            if ev is not None:
+                ev.arrived, ev.reply = t_last, msg.meta
+                ev.set()
+        else:
+            self.on_message(msg, address, len(payload))
 
     def _account(self, peer, nbytes, t_first, t_last):
         got = self.received.setdefault(peer, Received())
@@ -371,4 +344,4 @@ class _Deadline:
         try:
             return self.sock.recv_into(view)
         except socket.timeout:
-            raise FrameRejected(f"stalled frame: nothing arrived for {self.timeout:.0f}s") from None
+            raise FrameRejected(f"stalled frame: nothing arrived for {self.timeout:g}s") from None
