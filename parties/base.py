@@ -128,11 +128,13 @@ def train_step(model, opt, mem, ids):
 
 
 def pooled_sampler(ctx, gen):
-    """-> sample(): a batch drawn with ``gen`` from every party's training rows pooled (a site
-    that holds all the data: centralized training, pooled LoRA)."""
-    pool = torch.cat([p.train for p in ctx.parties])
+    """-> sample(): the next batch of an epoch stream (without replacement, drawn with
+    ``gen``) over every party's training rows pooled (a site that holds all the data:
+    centralized training, pooled LoRA)."""
+    from parties.data.dataset import EpochSampler
+    sampler = EpochSampler(torch.cat([p.train for p in ctx.parties]), gen)
     size = ctx.training.batch_size
-    return lambda: pool[torch.randint(len(pool), (size,), generator=gen)]
+    return lambda: sampler(size)
 
 
 def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,
