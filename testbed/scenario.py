@@ -134,7 +134,9 @@ class TrainingCfg(Strict):
 
 
 class ComputeCfg(Strict):
-    mode: Literal["measured", "flops", "none"] = "measured"
+    # flops: deterministic simulated time (FLOPs against the device profile); measured
+    # wall time depends on the machine's load and flips orderings between runs
+    mode: Literal["measured", "flops", "none"] = "flops"
 
 
 class CaptureCfg(Strict):
