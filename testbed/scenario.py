@@ -164,6 +164,8 @@ class ProtocolCfg(Strict):
 class Scenario(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
+    # several seeds: one child run directory per seed, mean ± 95% CI on top (testbed.run.seeds)
+    seeds: Optional[list[int]] = None
     torch_device: Literal["cpu", "cuda"] = "cpu"
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
@@ -176,6 +178,13 @@ class Scenario(Strict):
     capture: CaptureCfg = Field(default_factory=CaptureCfg)
     defences: list[DefenceCfg] = Field(default_factory=list)
     attacks: list[Union[str, dict]] = Field(default_factory=list)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"must be a non-empty list of distinct integers (got {v!r})")
+        return v
 
     def resolved(self):
         """The scenario with every default filled in, as plain data."""
