@@ -6,7 +6,7 @@ Protocols never import an engine: the same roles run on the SimPy clock and in
 containers.
 """
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -69,6 +69,19 @@ class Protocol:
 
     def role_names(self):
         return [party_name(i) for i in range(len(self.ctx.parties))] + list(self.server_roles)
+
+    def party_batches(self, i):
+        """How many training mini-batches (of ``training.batch_size`` rows) party ``i``'s
+        data feeds in this protocol: what a token-matched baseline gives the party."""
+        return self.ctx.training.steps
+
+
+def main_protocol(ctx):
+    """The scenario's protocol under study, built on a copy of ``ctx`` (so it reads its
+    own ``protocol.options``): what matched baselines measure themselves against."""
+    from parties.registry import get_protocol   # the registry imports protocols lazily
+    name = ctx.scenario.protocol.name
+    return get_protocol(name)(replace(ctx, protocol_name=name))
 
 
 def make_optimizer(params, training):
@@ -138,17 +151,22 @@ def pooled_sampler(ctx, gen):
 
 
 def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,
-                     eval_base=False):
+                     eval_base=False, steps=None):
     """Generator: the plain training loop of a protocol that trains on one site.
 
     ``sample()`` returns the next batch of token ids; ``truth_party`` (when the batch is one
     party's private data) gets a truth record per step; evaluation is on ``eval_parties``
-    (default: every party), also before training when ``eval_base``."""
+    (default: every party), also before training when ``eval_base``.  ``steps`` (default
+    ``training.steps``): fewer or more steps, evaluated as often relative to the run
+    (``eval_every`` scaled by ``steps / training.steps``) and at the last step."""
     tr, mem = ctx.training, ctx.tracker(role)
     mem.attach([model], [opt])
     party = truth_party or role
     if eval_base:
         yield from eval_records(ctx, model, role, -1, parties=eval_parties)
+    if steps is not None and steps != tr.steps:
+        every = max(1, round(tr.eval_every * steps / tr.steps))
+        tr = tr.model_copy(update={"steps": steps, "eval_every": every})
     for step in range(tr.steps):
         ids = sample().to(ctx.device)
         if truth_party:
