@@ -139,6 +139,25 @@ class ComputeCfg(Strict):
     mode: Literal["measured", "flops", "none"] = "flops"
 
 
+class PretrainCfg(Strict):
+    """Pre-train the shared starting checkpoint on public text (parties/pretrain.py)."""
+
+    steps: int = Field(300, gt=0)
+    records: int = Field(2000, gt=0)          # public records generated for pre-training
+    kinds: Optional[list[str]] = None         # default: the kinds no party holds
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0                             # its own seed: one checkpoint for every run seed
+    cache_dir: str = ".cache/init"            # checkpoints live in <cache_dir>/<config hash>/
+
+
+class InitCfg(Strict):
+    """Where the shared starting checkpoint comes from: ``model`` (random init or
+    ``model.path``) unless ``pretrain`` is given."""
+
+    pretrain: Optional[PretrainCfg] = None
+
+
 class CaptureCfg(Strict):
     enabled: bool = True
     tensors: bool = True
@@ -175,9 +194,20 @@ class Scenario(Strict):
     coordinator: CoordinatorCfg = Field(default_factory=CoordinatorCfg)
     training: TrainingCfg = Field(default_factory=TrainingCfg)
     compute: ComputeCfg = Field(default_factory=ComputeCfg)
+    init: InitCfg = Field(default_factory=InitCfg)
     capture: CaptureCfg = Field(default_factory=CaptureCfg)
     defences: list[DefenceCfg] = Field(default_factory=list)
     attacks: list[Union[str, dict]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _init(self):
+        if self.init.pretrain is not None:
+            clash = [k for k, v in (("model.path", self.model.path),
+                                    ("data.tokenizer.path", self.data.tokenizer.path)) if v]
+            if clash:
+                raise ValueError(f"init.pretrain builds the checkpoint and its tokenizer; "
+                                 f"remove {' and '.join(clash)}")
+        return self
 
     @field_validator("seeds")
     @classmethod

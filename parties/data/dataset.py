@@ -111,7 +111,9 @@ def pack(token_lists, seq_len, min_rows=1):
     return torch.tensor(stream[: rows * seq_len], dtype=torch.int64).view(rows, seq_len)
 
 
-def prepare_data(scenario, base_dir, cache_dir=None):
+def prepare_data(scenario, base_dir, cache_dir=None, tokenizer=None):
+    """``tokenizer``: use this one (e.g. the pre-trained starting checkpoint's) instead of
+    ``data.tokenizer``."""
     dc, n = scenario.data, scenario.parties.count
     rng = random.Random(scenario.seed)
     if dc.source == "generate":
@@ -122,7 +124,9 @@ def prepare_data(scenario, base_dir, cache_dir=None):
         raise ValueError(f"data: {len(records)} records are too few for {n} parties "
                          "(need at least 2 per party: one to train, one to hold out)")
     texts = [r["text"] for r in records]
-    if dc.tokenizer.path:
+    if tokenizer is not None:
+        tok = tokenizer
+    elif dc.tokenizer.path:
         if not (base_dir / dc.tokenizer.path).exists():
             from testbed.errors import ConfigError
             raise ConfigError("data.tokenizer.path", [

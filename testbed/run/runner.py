@@ -140,7 +140,15 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
     rundir = RunDir(runs_root, scenario, mode="embedded", name=run_name)
     prog = Progress(progress)
     try:
-        data = prepare_data(scenario, Path(base_dir), Path(cache_dir) if cache_dir else None)
+        init_dir, tokenizer = None, None
+        if scenario.init.pretrain is not None:
+            # the shared starting checkpoint, pre-trained on public text (cached by its config hash)
+            from parties.data.tokenizer import load_tokenizer
+            from parties.pretrain import pretrained_init
+            init_dir, record = pretrained_init(scenario, base_dir, progress=progress)
+            tokenizer = load_tokenizer(init_dir / "tokenizer.json")
+            rundir.write_json("public/pretrain.json", record)
+        data = prepare_data(scenario, Path(base_dir), Path(cache_dir) if cache_dir else None, tokenizer)
         data.tokenizer.save(str(rundir.path / "public" / "tokenizer.json"))
         rundir.write_json("truth/canaries.json", data.canaries)
         rundir.write_json("truth/partition.json", {
@@ -149,7 +157,8 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
         with open(rundir.path / "truth" / "records.jsonl", "w") as f:
             for r in data.records:
                 f.write(json.dumps(r) + "\n")
-        init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
+        model_cfg = scenario.model if init_dir is None else scenario.model.model_copy(update={"path": str(init_dir)})
+        init_model = build_model(model_cfg, data.vocab_size, scenario.seed)
         hf_logging.disable_progress_bar()
         init_model.save_pretrained(rundir.path / "public" / "init-model")
         results = {}
