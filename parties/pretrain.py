@@ -114,3 +114,16 @@ def pretrained_init(scenario, base_dir=".", progress=False):
     log.info("init: pre-training %d steps on public kinds %s into %s", settings["steps"],
              ", ".join(settings["kinds"]), out)
     return out, pretrain(scenario.model, settings, out, progress=progress)
+
+
+def starting_point(scenario, base_dir=".", progress=False):
+    """-> (tokenizer or None, model config to build, base.json record or None): where a
+    run's shared starting checkpoint comes from (the embedded runner and the container
+    preparation both call this).  Without ``init.pretrain``: the scenario's own model and
+    tokenizer settings."""
+    if scenario.init.pretrain is None:
+        return None, scenario.model, None
+    from parties.data.tokenizer import load_tokenizer
+    path, record = pretrained_init(scenario, base_dir, progress=progress)
+    return (load_tokenizer(path / "tokenizer.json"),
+            scenario.model.model_copy(update={"path": str(path)}), record)

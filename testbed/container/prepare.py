@@ -16,6 +16,7 @@ from pathlib import Path
 from parties.base import party_name
 from parties.data.dataset import prepare_data
 from parties.models import build_model
+from parties.pretrain import starting_point
 
 from .shards import PREPARED, party_dir, write_shard
 
@@ -34,12 +35,13 @@ def prepare(scenario, data_dir, base_dir="."):
     for old in ["public", "truth", *(p.name for p in data_dir.glob("party-*"))]:
         for item in (data_dir / old).glob("*"):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    data = prepare_data(scenario, Path(base_dir), None)
+    tokenizer, model_cfg, _ = starting_point(scenario, base_dir)   # init.pretrain, if any
+    data = prepare_data(scenario, Path(base_dir), None, tokenizer)
     public = data_dir / "public"
     public.mkdir(exist_ok=True)
     data.tokenizer.save(str(public / "tokenizer.json"))
     hf_logging.disable_progress_bar()
-    build_model(scenario.model, data.vocab_size, scenario.seed).save_pretrained(public / "init-model")
+    build_model(model_cfg, data.vocab_size, scenario.seed).save_pretrained(public / "init-model")
     truth = data_dir / "truth"
     truth.mkdir(exist_ok=True)
     (truth / "canaries.json").write_text(json.dumps(data.canaries, indent=2))

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from parties.base import RoleContext, party_name
 from parties.data.dataset import prepare_data
 from parties.models import build_model
+from parties.pretrain import starting_point
 from parties.registry import get_protocol
 
 from .capture import CaptureWriter
@@ -140,13 +141,9 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
     rundir = RunDir(runs_root, scenario, mode="embedded", name=run_name)
     prog = Progress(progress)
     try:
-        init_dir, tokenizer = None, None
-        if scenario.init.pretrain is not None:
-            # the shared starting checkpoint, pre-trained on public text (cached by its config hash)
-            from parties.data.tokenizer import load_tokenizer
-            from parties.pretrain import pretrained_init
-            init_dir, record = pretrained_init(scenario, base_dir, progress=progress)
-            tokenizer = load_tokenizer(init_dir / "tokenizer.json")
+        # the shared starting checkpoint: init.pretrain's (public text, cached) or the model's
+        tokenizer, model_cfg, record = starting_point(scenario, base_dir, progress=progress)
+        if record is not None:
             rundir.write_json("public/pretrain.json", record)
         data = prepare_data(scenario, Path(base_dir), Path(cache_dir) if cache_dir else None, tokenizer)
         data.tokenizer.save(str(rundir.path / "public" / "tokenizer.json"))
@@ -157,7 +154,6 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
         with open(rundir.path / "truth" / "records.jsonl", "w") as f:
             for r in data.records:
                 f.write(json.dumps(r) + "\n")
-        model_cfg = scenario.model if init_dir is None else scenario.model.model_copy(update={"path": str(init_dir)})
         init_model = build_model(model_cfg, data.vocab_size, scenario.seed)
         hf_logging.disable_progress_bar()
         init_model.save_pretrained(rundir.path / "public" / "init-model")
