@@ -108,3 +108,14 @@ def test_fedavg_without_averaging_is_local_training_step_for_step(run_tiny):
     assert p["fedavg"]["eval_loss"]["party-0"] != pytest.approx(p["fedavg_no_avg"]["eval_loss"]["party-0"],
                                                                 abs=1e-4)
     assert p["local_token_matched"]["train_tokens"]["party-0"] == 3 * 2 * 2 * 16   # rounds x local_steps x batch x seq
+
+
+def test_flagship_scenario_compares_the_matched_baselines_over_three_seeds():
+    from testbed.scenario import load_scenario
+    from conftest import ROOT
+    sc = load_scenario(ROOT / "scenarios" / "pcmoe-flagship.yaml")
+    assert sc.protocol.name == "pcmoe" and sc.parties.count == 4 and len(sc.seeds) == 3
+    assert sc.model.family == "mixtral" and sc.model.hidden_size >= 128 and sc.model.num_layers >= 4
+    assert sc.model.num_experts == 8 and sc.init.pretrain is not None
+    assert set(sc.baselines) == {"centralized", "local_token_matched", "local_memory_matched", "pcmoe_no_sharing"}
+    assert sc.data.split.method != "iid"
