@@ -6,7 +6,7 @@ Protocols never import an engine: the same roles run on the SimPy clock and in
 containers.
 """
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -70,6 +70,19 @@ class Protocol:
     def role_names(self):
         return [party_name(i) for i in range(len(self.ctx.parties))] + list(self.server_roles)
 
+    def party_batches(self, i):
+        """How many training mini-batches (of ``training.batch_size`` rows) party ``i``'s
+        data feeds in this protocol: what a token-matched baseline gives the party."""
+        return self.ctx.training.steps
+
+
+def main_protocol(ctx):
+    """The scenario's protocol under study, built on a copy of ``ctx`` (so it reads its
+    own ``protocol.options``): what matched baselines measure themselves against."""
+    from parties.registry import get_protocol   # the registry imports protocols lazily
+    name = ctx.scenario.protocol.name
+    return get_protocol(name)(replace(ctx, protocol_name=name))
+
 
 def make_optimizer(params, training):
     params = [p for p in params if p.requires_grad]
@@ -128,25 +141,32 @@ def train_step(model, opt, mem, ids):
 
 
 def pooled_sampler(ctx, gen):
-    """-> sample(): a batch drawn with ``gen`` from every party's training rows pooled (a site
-    that holds all the data: centralized training, pooled LoRA)."""
-    pool = torch.cat([p.train for p in ctx.parties])
+    """-> sample(): the next batch of an epoch stream (without replacement, drawn with
+    ``gen``) over every party's training rows pooled (a site that holds all the data:
+    centralized training, pooled LoRA)."""
+    from parties.data.dataset import EpochSampler
+    sampler = EpochSampler(torch.cat([p.train for p in ctx.parties]), gen)
     size = ctx.training.batch_size
-    return lambda: pool[torch.randint(len(pool), (size,), generator=gen)]
+    return lambda: sampler(size)
 
 
 def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,
-                     eval_base=False):
+                     eval_base=False, steps=None):
     """Generator: the plain training loop of a protocol that trains on one site.
 
     ``sample()`` returns the next batch of token ids; ``truth_party`` (when the batch is one
     party's private data) gets a truth record per step; evaluation is on ``eval_parties``
-    (default: every party), also before training when ``eval_base``."""
+    (default: every party), also before training when ``eval_base``.  ``steps`` (default
+    ``training.steps``): fewer or more steps, evaluated as often relative to the run
+    (``eval_every`` scaled by ``steps / training.steps``) and at the last step."""
     tr, mem = ctx.training, ctx.tracker(role)
     mem.attach([model], [opt])
     party = truth_party or role
     if eval_base:
         yield from eval_records(ctx, model, role, -1, parties=eval_parties)
+    if steps is not None and steps != tr.steps:
+        every = max(1, round(tr.eval_every * steps / tr.steps))
+        tr = tr.model_copy(update={"steps": steps, "eval_every": every})
     for step in range(tr.steps):
         ids = sample().to(ctx.device)
         if truth_party:

@@ -10,9 +10,13 @@ import importlib
 PROTOCOLS = {
     "centralized": ("parties.single_site.centralized", "Centralized"),
     "local": ("parties.single_site.local", "Local"),
+    "local_token_matched": ("parties.single_site.matched", "LocalTokenMatched"),
+    "local_memory_matched": ("parties.single_site.matched", "LocalMemoryMatched"),
     "pcmoe": ("parties.pcmoe.protocol", "PCMoE"),
+    "pcmoe_no_sharing": ("parties.pcmoe.protocol", "PCMoENoSharing"),
     "privatelora": ("parties.privatelora.protocol", "PrivateLoRA"),
     "fedavg": ("parties.federated.fedavg", "FedAvg"),
+    "fedavg_no_avg": ("parties.federated.fedavg", "FedAvgNoAverage"),
     "fedsgd": ("parties.federated.fedsgd", "FedSGD"),
     "split": ("parties.split", "Split"),
     "privatelora_full": ("parties.privatelora.full", "PrivateLoRAFull"),

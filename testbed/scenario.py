@@ -134,7 +134,28 @@ class TrainingCfg(Strict):
 
 
 class ComputeCfg(Strict):
-    mode: Literal["measured", "flops", "none"] = "measured"
+    # flops: deterministic simulated time (FLOPs against the device profile); measured
+    # wall time depends on the machine's load and flips orderings between runs
+    mode: Literal["measured", "flops", "none"] = "flops"
+
+
+class PretrainCfg(Strict):
+    """Pre-train the shared starting checkpoint on public text (parties/pretrain.py)."""
+
+    steps: int = Field(300, gt=0)
+    records: int = Field(2000, gt=0)          # public records generated for pre-training
+    kinds: Optional[list[str]] = None         # default: the kinds no party holds
+    batch_size: int = Field(16, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    seed: int = 0                             # its own seed: one checkpoint for every run seed
+    cache_dir: str = ".cache/init"            # checkpoints live in <cache_dir>/<config hash>/
+
+
+class InitCfg(Strict):
+    """Where the shared starting checkpoint comes from: ``model`` (random init or
+    ``model.path``) unless ``pretrain`` is given."""
+
+    pretrain: Optional[PretrainCfg] = None
 
 
 class CaptureCfg(Strict):
@@ -166,6 +187,8 @@ class ProtocolCfg(Strict):
 class Scenario(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = 0
+    # several seeds: one child run directory per seed, mean ± 95% CI on top (testbed.run.seeds)
+    seeds: Optional[list[int]] = None
     torch_device: Literal["cpu", "cuda"] = "cpu"
     model: ModelCfg = Field(default_factory=ModelCfg)
     data: DataCfg = Field(default_factory=DataCfg)
@@ -175,9 +198,27 @@ class Scenario(Strict):
     coordinator: CoordinatorCfg = Field(default_factory=CoordinatorCfg)
     training: TrainingCfg = Field(default_factory=TrainingCfg)
     compute: ComputeCfg = Field(default_factory=ComputeCfg)
+    init: InitCfg = Field(default_factory=InitCfg)
     capture: CaptureCfg = Field(default_factory=CaptureCfg)
     defences: list[DefenceCfg] = Field(default_factory=list)
     attacks: list[Union[str, dict]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _init(self):
+        if self.init.pretrain is not None:
+            clash = [k for k, v in (("model.path", self.model.path),
+                                    ("data.tokenizer.path", self.data.tokenizer.path)) if v]
+            if clash:
+                raise ValueError(f"init.pretrain builds the checkpoint and its tokenizer; "
+                                 f"remove {' and '.join(clash)}")
+        return self
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v):
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"must be a non-empty list of distinct integers (got {v!r})")
+        return v
 
     def resolved(self):
         """The scenario with every default filled in, as plain data."""

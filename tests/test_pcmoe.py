@@ -77,12 +77,13 @@ def batch_ids(seed=5):
 # ---- options and sharding ------------------------------------------------------------
 
 def test_options_unknown_keys_and_bad_values_are_listed():
-    assert validate_options({}) == {"noise_sigma": 0.0}
+    assert validate_options({}) == {"noise_sigma": 0.0, "expert_training": "all"}
     with pytest.raises(ConfigError) as err:
-        validate_options({"noise_sigma": -1, "sigma": 1, "experts": 2})
+        validate_options({"noise_sigma": -1, "sigma": 1, "experts": 2, "expert_training": "none"})
     text = str(err.value)
     assert "protocol.options" in text and "experts: unknown option" in text and "sigma: unknown" in text
     assert "noise_sigma: must be a number >= 0 (got -1)" in text
+    assert "expert_training: must be 'all' or 'own' (got 'none')" in text
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         make_protocol(tiny_scenario(2, family="llama"))
 

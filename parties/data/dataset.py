@@ -5,6 +5,11 @@ tokenizer, every record, the planted canaries, and one :class:`PartyData` per pa
 A party's records are shuffled, the last ``data.eval_fraction`` of them (at least one)
 held out, and each side packed into rows of ``training.seq_len`` tokens (records end
 in ``<eos>``).
+
+Training rows are sampled in epochs without replacement (:class:`EpochSampler`): a
+fresh permutation per epoch, consecutive batches take consecutive slices of it, so no
+row repeats within an epoch and a model cannot win by seeing a few windows over and
+over.
 """
 import random
 from dataclasses import dataclass, field
@@ -18,6 +23,41 @@ from .loaders import load_records
 from .partition import partition
 from .tokenizer import encode_records, load_tokenizer, train_tokenizer
 
+class EpochSampler:
+    """Batches of rows drawn without replacement, one permutation per epoch.
+
+    ``sampler(batch_size)`` returns the next ``batch_size`` rows of the current epoch's
+    permutation (drawn with ``gen``, a torch.Generator); when fewer than ``batch_size``
+    rows are left, the rest of the epoch is dropped and a new permutation starts, so a
+    batch never holds a row twice and no row repeats within an epoch.  A set with fewer
+    rows than one batch cannot avoid repeats: each batch is then the first
+    ``batch_size`` entries of back-to-back permutations (every row at most
+    ``ceil(batch_size / rows)`` times)."""
+
+    def __init__(self, rows, gen):
+        if len(rows) == 0:
+            raise ValueError("EpochSampler: no rows to sample from")
+        self.rows, self.gen = rows, gen
+        self.order, self.pos, self.epoch = None, 0, -1
+
+    def indices(self, batch_size):
+        """The row indices of the next batch."""
+        n = len(self.rows)
+        if batch_size > n:
+            self.epoch += 1
+            reps = -(-batch_size // n)
+            return torch.cat([torch.randperm(n, generator=self.gen) for _ in range(reps)])[:batch_size]
+        if self.order is None or self.pos + batch_size > n:
+            self.order, self.pos = torch.randperm(n, generator=self.gen), 0
+            self.epoch += 1
+        idx = self.order[self.pos:self.pos + batch_size]
+        self.pos += batch_size
+        return idx
+
+    def __call__(self, batch_size):
+        return self.rows[self.indices(batch_size)]
+
+
 @dataclass
 class PartyData:
     name: str
@@ -27,10 +67,22 @@ class PartyData:
     eval_record_ids: list = field(default_factory=list)
     original: Optional[torch.Tensor] = None   # training rows before a text defence (santext)
 
+    _samplers: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def sampler(self, gen):
+        """The :class:`EpochSampler` of this party's training rows that draws with ``gen``
+        (one per generator, so every protocol and role has its own epoch stream)."""
+        key = id(gen)
+        # the entry holds ``gen`` itself, so its id cannot be reused while the entry lives
+        if key not in self._samplers or self._samplers[key].gen is not gen \
+                or self._samplers[key].rows is not self.train:
+            self._samplers[key] = EpochSampler(self.train, gen)
+        return self._samplers[key]
+
     def sample(self, batch_size, gen):
-        """``batch_size`` training rows drawn with ``gen`` (a torch.Generator)."""
-        idx = torch.randint(len(self.train), (batch_size,), generator=gen)
-        return self.train[idx]
+        """The next ``batch_size`` training rows of the epoch stream drawn with ``gen``
+        (a torch.Generator): without replacement within an epoch."""
+        return self.sampler(gen)(batch_size)
 
     def eval_batches(self, batch_size, n_batches):
         """The first ``n_batches`` held-out batches, in a fixed order."""
@@ -62,7 +114,9 @@ def pack(token_lists, seq_len, min_rows=1):
     return torch.tensor(stream[: rows * seq_len], dtype=torch.int64).view(rows, seq_len)
 
 
-def prepare_data(scenario, base_dir, cache_dir=None):
+def prepare_data(scenario, base_dir, cache_dir=None, tokenizer=None):
+    """``tokenizer``: use this one (e.g. the pre-trained starting checkpoint's) instead of
+    ``data.tokenizer``."""
     dc, n = scenario.data, scenario.parties.count
     rng = random.Random(scenario.seed)
     if dc.source == "generate":
@@ -73,7 +127,9 @@ def prepare_data(scenario, base_dir, cache_dir=None):
         raise ValueError(f"data: {len(records)} records are too few for {n} parties "
                          "(need at least 2 per party: one to train, one to hold out)")
     texts = [r["text"] for r in records]
-    if dc.tokenizer.path:
+    if tokenizer is not None:
+        tok = tokenizer
+    elif dc.tokenizer.path:
         if not (base_dir / dc.tokenizer.path).exists():
             from testbed.errors import ConfigError
             raise ConfigError("data.tokenizer.path", [

@@ -12,7 +12,10 @@ A party's optimizer state (e.g. AdamW moments) persists across the rounds it is 
 in.  Its train record's ``loss`` is the mean over the round's local steps.  Under DP-SGD
 every local step is a DP-SGD step and the accountant counts all of them.
 
-Options: ``local_steps`` (>= 1, default 2), ``clients_per_round`` ('all' or 1..parties).
+Options: ``local_steps`` (>= 1, default 2), ``clients_per_round`` ('all' or 1..parties),
+``average`` (default true).  ``average: false`` is the ablation (also registered as
+``fedavg_no_avg``): the same rounds and traffic, but a party ignores the broadcast
+average and keeps its own weights, so nothing learned elsewhere reaches it.
 
     python -m testbed run scenarios/fedavg-4party.yaml
 """
@@ -20,6 +23,10 @@ import torch
 
 from parties.base import lm_loss
 from .rounds import Federated, check_clients
+
+
+def check_bool(v, _n):
+    return None if isinstance(v, bool) else "must be true or false"
 
 
 def check_local_steps(v, _n):
@@ -32,7 +39,11 @@ class FedAvg(Federated):
     name = "fedavg"
     up_kind = "delta"
     payload = "mean_delta"
-    OPTIONS = {"clients_per_round": (check_clients, "all"), "local_steps": (check_local_steps, 2)}
+    OPTIONS = {"clients_per_round": (check_clients, "all"), "local_steps": (check_local_steps, 2),
+               "average": (check_bool, True)}
+
+    def batches_per_round(self):
+        return self.opts["local_steps"]
 
     def local_update(self, state, t):
         ctx, tr, me = self.ctx, self.ctx.training, state["me"]
@@ -62,8 +73,22 @@ class FedAvg(Federated):
     @torch.no_grad()
     def apply_update(self, state, tensors):
         start = state.pop("start", None)
+        if not self.opts["average"]:
+            return                  # the ablation: the party keeps its own weights
         for n, p in state["model"].named_parameters():
             if n not in tensors:
                 continue
             base = start[n] if start is not None else p
             p.copy_(base + tensors[n].to(p.device, p.dtype))
+
+
+class FedAvgNoAverage(FedAvg):
+    """``fedavg_no_avg``: FedAvg with ``average: false`` (as a baseline of a FedAvg
+    scenario: the scenario's FedAvg options with that one changed)."""
+
+    name = "fedavg_no_avg"
+
+    def given_options(self, ctx):
+        sc = ctx.scenario
+        base = sc.protocol.options if sc.protocol.name in ("fedavg", self.name) else ctx.options
+        return {**base, "average": False}

@@ -105,13 +105,28 @@ class Federated(Protocol):
 
     def __init__(self, ctx):
         super().__init__(ctx)
-        self.opts = check_options(ctx.options, self.OPTIONS, len(ctx.parties))
+        self.opts = check_options(self.given_options(ctx), self.OPTIONS, len(ctx.parties))
         k = self.opts["clients_per_round"]
         self.k = len(ctx.parties) if k in (None, "all") else k
         self.secagg = secagg.secagg_config(ctx)
 
+    def given_options(self, ctx):
+        """The ``protocol.options`` this protocol runs with (a variant may change some)."""
+        return ctx.options
+
     def expected_train_logs(self):
         return self.ctx.training.steps * self.k
+
+    # mini-batches a selected party trains on per round (FedAvg: local_steps)
+    def batches_per_round(self):
+        return 1
+
+    def party_batches(self, i):
+        """Rounds party ``i`` is selected in (the coordinator's draws, replayed) times
+        :meth:`batches_per_round`."""
+        gen, n = self.ctx.generator(COORDINATOR, "clients"), len(self.ctx.parties)
+        rounds = sum(i in sample_clients(gen, n, self.k) for _ in range(self.ctx.training.steps))
+        return rounds * self.batches_per_round()
 
     def roles(self):
         out = {party_name(i): self.party(i) for i in range(len(self.ctx.parties))}

@@ -49,6 +49,10 @@ def expert_meta(layer, experts, counts, origin, host, direction, phase):
 class ExpertHost:
     """Serves one party's hosted experts. ``shards``: layer -> ExpertShard."""
 
+    # False: the no-sharing ablation -- return dL/d(input) but never train the experts on
+    # another party's tokens (pcmoe ``expert_training: own``)
+    train_remote = True
+
     def __init__(self, name, shards, optimizer, tracker, meter):
         self.name, self.shards, self.opt = name, shards, optimizer
         self.tracker, self.meter = tracker, meter
@@ -115,10 +119,15 @@ class ExpertHost:
         if grad.shape != y.shape:
             raise ProtocolError(f"{self.name}: {BWD} from {msg.src}: grad_output {list(grad.shape)} "
                                 f"!= expert output {list(y.shape)}")
-        y.backward(grad.to(y.device, y.dtype))
-        self._dirty = True
+        grad = grad.to(y.device, y.dtype)
+        if self.train_remote:
+            y.backward(grad)
+            self._dirty = True
+            grad_in = x.grad
+        else:
+            (grad_in,) = torch.autograd.grad(y, x, grad)
         meta = expert_meta(layer, experts, counts, msg.src, self.name, "bwd_out", "train")
-        return Message(kind=GRAD_IN, step=msg.step, meta=meta, tensors={"grad_input": x.grad.detach()})
+        return Message(kind=GRAD_IN, step=msg.step, meta=meta, tensors={"grad_input": grad_in.detach()})
 
     def finalize(self):
         """Apply the accumulated expert gradients of the finished global step."""

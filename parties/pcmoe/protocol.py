@@ -36,7 +36,12 @@ Choices where the paper is silent or differs, written down:
   is attached after the drop.
 
 Options (``protocol.options``): ``noise_sigma`` (float >= 0, default 0): std of the
-Gaussian noise added to hidden states sent to hosts (a defence).
+Gaussian noise added to hidden states sent to hosts (a defence); ``expert_training``
+(``all``, default, or ``own``): with ``own`` a host still runs its experts for other
+parties' tokens and returns the gradient w.r.t. their input, but never updates its
+experts from them -- experts learn only from their host's own tokens.  That is the
+no-sharing ablation, also registered as protocol ``pcmoe_no_sharing``: the same
+architecture and traffic without cross-party expert training.
 
 Run:  python -m testbed run scenarios/pcmoe-4party.yaml
 """
@@ -52,7 +57,9 @@ from .host import REQUESTS, ExpertHost
 from .meter import SavedBytes
 from .owner import Owner
 
-OPTIONS = {"noise_sigma": "float >= 0: Gaussian noise std on hidden states sent to expert hosts"}
+OPTIONS = {"noise_sigma": "float >= 0: Gaussian noise std on hidden states sent to expert hosts",
+           "expert_training": "'all' (default) or 'own': whether hosts train their experts on "
+                              "other parties' tokens"}
 
 
 def validate_options(options):
@@ -63,9 +70,12 @@ def validate_options(options):
     sigma = options.get("noise_sigma", 0.0)
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or sigma < 0:
         problems.append(f"noise_sigma: must be a number >= 0 (got {sigma!r})")
+    training = options.get("expert_training", "all")
+    if training not in ("all", "own"):
+        problems.append(f"expert_training: must be 'all' or 'own' (got {training!r})")
     if problems:
         raise ConfigError("protocol.options", problems)
-    return {"noise_sigma": float(sigma)}
+    return {"noise_sigma": float(sigma), "expert_training": training}
 
 
 class PartyState:
@@ -86,6 +96,7 @@ class PartyState:
         self.owner = Owner(index, n, self.model, self.meter, self.tracker, options["noise_sigma"],
                            ctx.generator(self.name, "noise"))
         self.host = ExpertHost(self.name, self.shards, self.opt, self.tracker, self.meter)
+        self.host.train_remote = options["expert_training"] == "all"
         self.local_steps = 0
 
 
@@ -110,27 +121,35 @@ class PCMoE(Protocol):
     def make_party(self, i):
         return PartyState(self.ctx, i, self.n, self.options)
 
+    def schedule(self):
+        """[(global step, party index, round)]: randomized round-robin, a fresh permutation
+        of the parties per round, drawn from the coordinator's own generator."""
+        gen = self.ctx.generator("coordinator", "schedule")
+        out, rnd = [], 0
+        while len(out) < self.ctx.training.steps:
+            for i in torch.randperm(self.n, generator=gen).tolist():
+                if len(out) < self.ctx.training.steps:
+                    out.append((len(out), i, rnd))
+            rnd += 1
+        return out
+
+    def party_batches(self, i):
+        return sum(1 for _, j, _ in self.schedule() if j == i)
+
     # -- coordinator ---------------------------------------------------------------------
     def coordinator(self):
-        """Randomized round-robin: a fresh permutation of the parties per round."""
+        """Gives each party its turns of :meth:`schedule`, evaluates every party at eval steps."""
         ctx, tr = self.ctx, self.ctx.training
         mem = ctx.tracker("coordinator")
         mem.attach()
-        gen = ctx.generator("coordinator", "schedule")
-        step, rnd = 0, 0
-        while step < tr.steps:
-            for i in torch.randperm(self.n, generator=gen).tolist():
-                if step >= tr.steps:
-                    break
-                who = party_name(i)
-                yield Send(who, Message(kind="turn", step=step, meta={"party": who, "round": rnd}))
-                yield Recv(src=who, kind="done")
-                if is_eval_step(step, tr):
-                    for j in range(self.n):
-                        yield Send(party_name(j), Message(kind="eval_turn", step=step))
-                        yield Recv(src=party_name(j), kind="eval_done")
-                step += 1
-            rnd += 1
+        for step, i, rnd in self.schedule():
+            who = party_name(i)
+            yield Send(who, Message(kind="turn", step=step, meta={"party": who, "round": rnd}))
+            yield Recv(src=who, kind="done")
+            if is_eval_step(step, tr):
+                for j in range(self.n):
+                    yield Send(party_name(j), Message(kind="eval_turn", step=step))
+                    yield Recv(src=party_name(j), kind="eval_done")
         for j in range(self.n):
             yield Send(party_name(j), Message(kind="stop", step=tr.steps))
 
@@ -188,3 +207,17 @@ class PCMoE(Protocol):
             count += ids[:, 1:].numel()
         yield Log({"event": "eval", "role": st.name, "party": st.name, "step": step,
                    "eval_loss": total / max(count, 1)})
+
+
+class PCMoENoSharing(PCMoE):
+    """``pcmoe_no_sharing``: the ablation -- PC-MoE with ``expert_training: own`` (hosts never
+    train their experts on other parties' tokens).  As a baseline of a PC-MoE scenario it
+    takes the scenario's PC-MoE options (e.g. ``noise_sigma``) with that one changed."""
+
+    name = "pcmoe_no_sharing"
+
+    def __init__(self, ctx):
+        sc = ctx.scenario
+        base = sc.protocol.options if sc.protocol.name in ("pcmoe", self.name) else {}
+        super().__init__(ctx)
+        self.options = validate_options({**base, "expert_training": "own"})

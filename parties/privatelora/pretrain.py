@@ -16,82 +16,35 @@ It runs once and is skipped when ``base.json`` already records the same settings
     python -m testbed run scenarios/privatelora.yaml
 """
 import argparse
-import hashlib
 import json
 import logging
-import random
 from pathlib import Path
 
-import torch
+from testbed.scenario import load_scenario
 
-from testbed.scenario import CanaryCfg, load_scenario
-
-from parties.data import KINDS, encode_records, generate_records, train_tokenizer
-from parties.data.dataset import pack
-from parties.models import build_model
+from parties.pretrain import pretrain, public_kinds, settings_key
 
 log = logging.getLogger(__name__)
-PUBLIC_SEED_OFFSET = 7919   # public text is drawn with seed + this: never the private records
-
-
-def public_kinds(scenario):
-    """Record kinds no device holds (all kinds if the devices hold every one)."""
-    return [k for k in KINDS if k not in scenario.data.kinds] or list(KINDS)
 
 
 def build_base(scenario, out_dir, steps=300, records=600, batch_size=16, lr=3e-3, force=False,
                progress=False):
-    """Pre-train ``scenario.model`` (family llama) on public text into ``out_dir``.
-
-    Returns the ``base.json`` record (kinds, steps, final training loss, ...).
-    """
+    """Pre-train ``scenario.model`` (family llama) on public text into ``out_dir``
+    (:func:`parties.pretrain.pretrain`).  Returns the ``base.json`` record (kinds, steps,
+    final training loss, ...)."""
     out = Path(out_dir)
-    kinds = public_kinds(scenario)
-    settings = {"model": scenario.model.model_dump(exclude={"path"}), "kinds": kinds,
+    settings = {"model": scenario.model.model_dump(exclude={"path"}), "kinds": public_kinds(scenario),
                 "records": records, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "seq_len": scenario.training.seq_len, "seed": scenario.seed,
                 "vocab_size": scenario.data.tokenizer.vocab_size}
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    key = settings_key(settings)
     meta_path = out / "base.json"
     if not force and meta_path.exists() and json.loads(meta_path.read_text()).get("key") == key:
         log.info("%s: base model up to date", out)
         return json.loads(meta_path.read_text())
     if scenario.model.family != "llama":
         raise ValueError(f"model.family: the PrivateLoRA base must be llama (got {scenario.model.family!r})")
-    recs, _ = generate_records(kinds, records, random.Random(scenario.seed + PUBLIC_SEED_OFFSET),
-                               CanaryCfg(count=0))
-    tok = train_tokenizer([r["text"] for r in recs], scenario.data.tokenizer.vocab_size)
-    rows = pack(encode_records(tok, recs), scenario.training.seq_len)
-    model = build_model(scenario.model.model_copy(update={"path": None}), tok.get_vocab_size(),
-                        scenario.seed)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(scenario.seed + PUBLIC_SEED_OFFSET)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, desc="pre-train base", unit="step")
-    loss = float("nan")
-    for _ in range(steps):
-        ids = rows[torch.randint(len(rows), (batch_size,), generator=gen)]
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = loss.item()
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-    if bar is not None:
-        bar.close()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tok.save(str(out / "tokenizer.json"))
-    record = {"key": key, **settings, "public_rows": len(rows), "final_train_loss": loss}
-    meta_path.write_text(json.dumps(record, indent=2))
-    return record
+    return pretrain(scenario.model, settings, out, progress=progress)
 
 
 def main(argv=None):

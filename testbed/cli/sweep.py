@@ -8,6 +8,7 @@ included: the report shows what they wrote before failing).
 
     python -m testbed sweep scenarios/fedsgd-tiny.yaml scenarios/split-tiny.yaml --jobs 2
     python -m testbed sweep scenarios/*-tiny.yaml --set training.steps=4 -o reports/tiny
+    python -m testbed sweep scenarios/fedavg-4party.yaml scenarios/split-4party.yaml --seeds 0,1,2
 
 Exit code: 0 when every scenario ran, 1 when any failed.  The machinery is
 :mod:`testbed.run.sweep` (the privacy regression gate uses it too).
@@ -44,6 +45,8 @@ def add_sweep_arguments(p):
     p.add_argument("-o", "--out", help="report directory (default: reports/<timestamp>, or "
                                        "RUN/report for a single scenario)")
     p.add_argument("--no-report", action="store_true", help="run only, write no report")
+    p.add_argument("--seeds", metavar="LIST",
+                   help="run every scenario over these seeds, e.g. 0,1,2 (mean ± 95%% CI per protocol)")
     p.add_argument("--timeout", type=float, help="seconds before a scenario is stopped and failed")
 
 
@@ -52,7 +55,11 @@ def main_sweep(args):
         from testbed.errors import ConfigError
         raise ConfigError("--jobs", [f"must be >= 1 (got {args.jobs})"])
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    jobs = [Job(s, list(args.set or []), name) for s, name in zip(args.scenarios, _names(args.scenarios, stamp))]
+    if args.seeds:
+        from testbed.run.seeds import parse_seeds
+        parse_seeds(args.seeds)          # a bad list fails here, not once per scenario
+    jobs = [Job(s, list(args.set or []), name, seeds=args.seeds)
+            for s, name in zip(args.scenarios, _names(args.scenarios, stamp))]
     n = args.jobs or default_jobs(len(jobs))
     print(f"sweep: {len(jobs)} scenario(s), {n} at a time, runs in {args.runs}/", flush=True)
     results = run_scenarios(jobs, args.runs, n, timeout=args.timeout,

@@ -17,6 +17,7 @@ from parties.base import party_name
 from parties.data.dataset import prepare_data
 from parties.defences import santext
 from parties.models import build_model
+from parties.pretrain import starting_point
 
 from .shards import PREPARED, party_dir, write_shard
 
@@ -35,12 +36,13 @@ def prepare(scenario, data_dir, base_dir="."):
     for old in ["public", "truth", *(p.name for p in data_dir.glob("party-*"))]:
         for item in (data_dir / old).glob("*"):
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    data = prepare_data(scenario, Path(base_dir), None)
+    tokenizer, model_cfg, _ = starting_point(scenario, base_dir)   # init.pretrain, if any
+    data = prepare_data(scenario, Path(base_dir), None, tokenizer)
     public = data_dir / "public"
     public.mkdir(exist_ok=True)
     data.tokenizer.save(str(public / "tokenizer.json"))
     hf_logging.disable_progress_bar()
-    init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
+    init_model = build_model(model_cfg, data.vocab_size, scenario.seed)
     init_model.save_pretrained(public / "init-model")
     santext.apply(scenario, data, init_model)
     truth = data_dir / "truth"

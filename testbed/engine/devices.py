@@ -3,7 +3,7 @@
 ``measured`` compute mode scales the wall time a role spent on this host by
 ``HOST.flops / device.flops`` (so a role on an ``a100`` profile runs faster in
 simulated time than on the CPU that did the work).  ``flops`` mode counts the FLOPs
-with ``torch.utils.flop_counter.FlopCounterMode`` and models time as
+with :class:`testbed.engine.flops.FlopCount` (torch's flop formulas) and models time as
 ``max(flops / flops_peak, bytes / mem_bw)``.
 """
 from dataclasses import dataclass

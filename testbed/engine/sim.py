@@ -4,8 +4,10 @@ Each protocol role (a generator of :mod:`testbed.engine.effects`) becomes a SimP
 The engine
 
 * times the real work a role does between two yields and turns it into simulated
-  compute time on the role's device profile (``compute.mode``: ``measured`` scales
-  wall time, ``flops`` counts FLOPs with ``FlopCounterMode``, ``none`` ignores it);
+  compute time on the role's device profile (``compute.mode``: ``flops``, the default,
+  counts FLOPs with :class:`~testbed.engine.flops.FlopCount` -- deterministic, so the
+  time axis does not depend on what else the machine was doing --, ``measured`` scales
+  wall time, ``none`` ignores it);
 * passes every sent message through the wire codec (encode -> bytes -> decode), so
   byte counts are real and the receiver gets its own copy, then through capture, then
   over the sender's uplink and the receiver's downlink (:mod:`testbed.engine.links`);
@@ -17,17 +19,17 @@ A run whose roles wait forever raises :class:`ProtocolError` naming who waits fo
 import time
 
 import simpy
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import codec
 from .devices import modelled_seconds, scale_measured
+from .flops import FlopCount
 from .effects import Compute, Log, Recv, Send
 from testbed.errors import ProtocolError
 from .links import SimLink, transfer
 
 
 class SimEngine:
-    def __init__(self, protocol, endpoints, rng, on_log=None, capture=None, compute_mode="measured"):
+    def __init__(self, protocol, endpoints, rng, on_log=None, capture=None, compute_mode="flops"):
         """``endpoints``: role name -> (DeviceProfile, LinkCfg)."""
         self.protocol = protocol
         self.env = simpy.Environment()
@@ -52,7 +54,7 @@ class SimEngine:
         """Run the role up to its next yield; return (effect, simulated compute seconds)."""
         t0 = time.perf_counter()
         if self.compute_mode == "flops":
-            with FlopCounterMode(display=False) as fc:
+            with FlopCount() as fc:
                 eff = gen.send(value)
             dt = modelled_seconds(fc.get_total_flops(), 0, self.devices[role])
         else:

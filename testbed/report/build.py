@@ -15,15 +15,16 @@ from .load import load_runs
 from .markdown import render_markdown
 from .privacy import attacks_section, dp_section
 from .sections import communication_section, learning_section, memory_section, overview_section
+from .seeds import expand, seeds_section
 from .series import Context
 
 log = logging.getLogger(__name__)
 
-SECTIONS = (overview_section, learning_section, memory_section, communication_section,
+SECTIONS = (overview_section, seeds_section, learning_section, memory_section, communication_section,
             attacks_section, dp_section, throughput_section, records_section, scenario_section)
 # PNG names the sections write; removed first so a re-run leaves no stale plot behind.
 PNGS = ("loss_vs_step.png", "loss_vs_time.png", "memory.png", "bytes_per_link.png",
-        "bytes_per_step.png", "attacks.png", "epsilon.png")
+        "bytes_per_step.png", "attacks.png", "epsilon.png", "seeds.png")
 
 
 def default_out_dir(run_paths, now=None):
@@ -49,9 +50,11 @@ def _section(builder, ctx):
         return Section(title, [Note(f"this section could not be built: {type(exc).__name__}: {exc}")])
 
 
-def build_document(runs, out_dir):
-    """Assemble the document for loaded runs (PNGs are written into ``out_dir``)."""
+def build_document(runs, out_dir, seed_groups=()):
+    """Assemble the document for loaded runs (PNGs are written into ``out_dir``);
+    ``seed_groups``: [(parent, summary)] of runs over several seeds."""
     ctx = Context(runs, Path(out_dir))
+    ctx.seed_groups = list(seed_groups)
     names = ", ".join(r.label for r in runs)
     title = f"Run report: {names}" if len(runs) == 1 else f"Comparison of {len(runs)} runs"
     subtitle = (f"{names} · generated {dt.datetime.now().isoformat(timespec='seconds')} "
@@ -65,12 +68,13 @@ def build_report(run_paths, out_dir=None):
     run_paths = [Path(p) for p in run_paths]
     if not run_paths:
         raise ValueError("run_paths: expected at least one run directory")
-    runs = load_runs(run_paths)  # first: a bad path fails before anything is written
+    expanded, groups = expand(run_paths)   # a seeds parent stands for its children
+    runs = load_runs(expanded)  # first: a bad path fails before anything is written
     out = Path(out_dir) if out_dir else default_out_dir(run_paths)
     out.mkdir(parents=True, exist_ok=True)
     for name in PNGS:
         (out / name).unlink(missing_ok=True)
-    doc = build_document(runs, out)
+    doc = build_document(runs, out, groups)
     (out / "report.html").write_text(render_html(doc), encoding="utf-8")
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
     log.info("report written to %s", out)

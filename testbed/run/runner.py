@@ -16,6 +16,7 @@ from transformers.utils import logging as hf_logging
 from parties.base import RoleContext, party_name
 from parties.data.dataset import prepare_data
 from parties.models import build_model
+from parties.pretrain import starting_point
 from parties.registry import get_protocol
 
 from .capture import CaptureWriter
@@ -144,7 +145,11 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
     rundir = RunDir(runs_root, scenario, mode="embedded", name=run_name)
     prog = Progress(progress)
     try:
-        data = prepare_data(scenario, Path(base_dir), Path(cache_dir) if cache_dir else None)
+        # the shared starting checkpoint: init.pretrain's (public text, cached) or the model's
+        tokenizer, model_cfg, record = starting_point(scenario, base_dir, progress=progress)
+        if record is not None:
+            rundir.write_json("public/pretrain.json", record)
+        data = prepare_data(scenario, Path(base_dir), Path(cache_dir) if cache_dir else None, tokenizer)
         data.tokenizer.save(str(rundir.path / "public" / "tokenizer.json"))
         rundir.write_json("truth/canaries.json", data.canaries)
         rundir.write_json("truth/partition.json", {
@@ -153,7 +158,7 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
         with open(rundir.path / "truth" / "records.jsonl", "w") as f:
             for r in data.records:
                 f.write(json.dumps(r) + "\n")
-        init_model = build_model(scenario.model, data.vocab_size, scenario.seed)
+        init_model = build_model(model_cfg, data.vocab_size, scenario.seed)
         hf_logging.disable_progress_bar()
         init_model.save_pretrained(rundir.path / "public" / "init-model")
         from parties.defences import santext

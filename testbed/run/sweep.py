@@ -25,6 +25,7 @@ class Job:
     sets: list = field(default_factory=list)
     name: str = None
     label: str = None
+    seeds: str = None        # "0,1,2": each scenario over several seeds (a seeds parent run)
 
     def __post_init__(self):
         self.label = self.label or Path(self.scenario).name
@@ -95,6 +96,8 @@ def run_job(job, runs_root, threads=None, timeout=None, cwd=None):
            "--json", "--no-progress"]
     if job.name:
         cmd += ["--name", job.name]
+    if job.seeds:
+        cmd += ["--seeds", str(job.seeds)]
     for s in job.sets:
         cmd += ["--set", s]
     env = dict(os.environ)
@@ -145,7 +148,11 @@ def format_result(res, done, total):
     """One line per finished scenario."""
     head = f"[{done}/{total}] {'ok    ' if res.ok else 'FAILED'} {res.job.label:<28} {res.seconds:6.1f}s"
     if res.ok:
-        losses = [p.get("mean_eval_loss") for p in (res.summary.get("protocols") or {}).values()]
-        losses = " ".join(f"{x:.3f}" for x in losses if x is not None)
+        protos = (res.summary.get("protocols") or {}).values()
+        if res.summary.get("kind") == "seeds":     # mean ± 95% CI over the seeds
+            from testbed.stats import fmt_ci
+            losses = " ".join(fmt_ci(p["final"], 3) for p in protos)
+        else:
+            losses = " ".join(f"{x:.3f}" for x in (p.get("mean_eval_loss") for p in protos) if x is not None)
         return f"{head}  eval loss {losses or '-'}  {res.run_dir}"
     return f"{head}  exit {res.returncode}: {res.error}" + (f"  (partial: {res.run_dir})" if res.run_dir else "")
