@@ -72,7 +72,7 @@ def gradient_batches(view, kinds, steps=None, max_batches=0):
     ``meta["party"]`` when present, else its sender.
     """
     out = []
-    for group in view.groups(kind=tuple(kinds), by=("src", "step")):
+    for group in view.groups(kind=tuple(kinds), by=("src", "step"), with_tensors=True):
         step = group.key["step"]
         if steps is not None and step not in steps:
             continue
@@ -102,7 +102,7 @@ class StepWeights:
         self.model = view.init_model()
         self.opt = make_optimizer(self.model.parameters(), TrainingCfg(**view.config()["training"]))
         self.updates = {}
-        for m in view.messages(kind=update_kind):
+        for m in view.messages(kind=update_kind, with_tensors=True):
             self.updates.setdefault(m.step, m)
         self.step = 0
 
