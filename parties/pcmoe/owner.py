@@ -66,7 +66,7 @@ class Pass:
 def layer_masks(model, embeds, position_ids):
     """The attention mask of each decoder layer, as the model's own forward builds them."""
     cfg, n = model.config, len(model.model.layers)
-    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None,
               position_ids=position_ids)
     types = getattr(cfg, "layer_types", None)
     if types:

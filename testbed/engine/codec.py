@@ -23,6 +23,7 @@ DTYPES = {
     "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
 MAX_HEADER = 1 << 20
 
 
@@ -59,7 +60,13 @@ def tensor_from_bytes(buf, dtype, shape):
 
 def encode(msg):
     """Message -> bytes (header length, JSON header, raw tensor bytes)."""
-    entries, chunks, offset = [], [], 0
+    return bytes(encode_buffer(msg))
+
+
+def encode_buffer(msg):
+    """:func:`encode` into a ``bytearray``, each tensor's bytes copied once into place
+    (the engine decodes from it without another copy)."""
+    entries, flat, offset = [], [], 0
     for name, t in msg.tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TransportError(f"message {msg.kind!r}: tensor {name!r} is {type(t).__name__}, "
@@ -69,15 +76,25 @@ def encode(msg):
                                  "send detached tensors only")
         if t.dtype not in DTYPE_NAMES:
             raise TransportError(f"message {msg.kind!r}: tensor {name!r} has unsupported dtype {t.dtype}")
-        b = tensor_to_bytes(t)
+        u8 = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8) if t.numel() else None
+        nbytes = 0 if u8 is None else u8.numel()
         entries.append({"name": name, "dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                        "offset": offset, "nbytes": len(b)})
-        chunks.append(b)
-        offset += len(b)
+                        "offset": offset, "nbytes": nbytes})
+        flat.append(u8)
+        offset += nbytes
     header = json.dumps({"kind": msg.kind, "src": msg.src, "dst": msg.dst, "step": msg.step,
                          "meta": msg.meta, "tensors": entries},
                         separators=(",", ":"), sort_keys=True).encode()
-    return struct.pack(">I", len(header)) + header + b"".join(chunks)
+    start = 4 + len(header)
+    buf = bytearray(start + offset)
+    buf[:4] = struct.pack(">I", len(header))
+    buf[4:start] = header
+    if offset:
+        body = torch.frombuffer(buf, dtype=torch.uint8, offset=start, count=offset)
+        for e, u8 in zip(entries, flat):
+            if u8 is not None:
+                body[e["offset"]:e["offset"] + e["nbytes"]].copy_(u8)
+    return buf
 
 
 def header_size(data):
@@ -106,7 +123,7 @@ def decode(data, max_bytes=None):
             n = 1
             for s in shape:
                 n *= s
-            expect = n * torch.empty((), dtype=dtype).element_size()
+            expect = n * ITEMSIZE[dtype]
             off, nb = int(e["offset"]), int(e["nbytes"])
             if nb != expect or off < 0 or off + nb > len(body):
                 raise TransportError(f"tensor {e['name']!r}: {nb} bytes at {off} do not match "
