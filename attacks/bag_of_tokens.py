@@ -78,7 +78,8 @@ def gradient_batches(view, kinds, steps=None, max_batches=0, aggregate=False):
     ``update``): one gradient of every selected party's rows together, as party ``*``.
     """
     out = []
-    for group in view.groups(kind=("update",) if aggregate else tuple(kinds), by=("src", "step")):
+    for group in view.groups(kind=("update",) if aggregate else tuple(kinds), by=("src", "step"),
+                             with_tensors=True):
         step = group.key["step"]
         if steps is not None and step not in steps:
             continue
@@ -112,7 +113,7 @@ class StepWeights:
         self.model = view.init_model()
         self.opt = make_optimizer(self.model.parameters(), TrainingCfg(**view.config()["training"]))
         self.updates = {}
-        for m in view.messages(kind=update_kind):
+        for m in view.messages(kind=update_kind, with_tensors=True):
             self.updates.setdefault(m.step, m)
         self.step = 0
 

@@ -98,6 +98,7 @@ class Attack:
     name = ""
     threat_model = ThreatModel(observers=())
     targets = {}   # protocol -> tuple of message kinds consumed
+    replays = {}   # protocol -> kinds it reads at every step before an attacked one
     options = {}   # option -> default
 
     def applies_to(self, protocol):
@@ -105,6 +106,16 @@ class Attack:
 
     def kinds(self, protocol):
         return tuple(self.targets.get(protocol, ()))
+
+    def capture_needs(self, protocol, options):
+        """What the capture must keep for this attack: ``(steps, every_step_kinds)``.
+
+        ``steps``: the steps whose tensors it reads (None: every step), from its resolved
+        ``steps`` option; ``every_step_kinds``: the kinds it replays from the start of the
+        run (:attr:`replays`).  Attacks reading more than their ``steps`` override this."""
+        steps = options.get("steps")
+        return (None if steps is None else sorted({int(s) for s in steps}),
+                tuple(self.replays.get(protocol, ())))
 
     def resolve_options(self, options, where=None):
         """Defaults overlaid with ``options``; unknown keys or wrong types raise ConfigError."""

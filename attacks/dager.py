@@ -255,6 +255,7 @@ class Dager(Attack):
     name = "dager"
     threat_model = FEDSGD_AGGREGATOR
     targets = {"fedsgd": ("grad",)}
+    replays = {"fedsgd": ("update",)}  # StepWeights rebuilds the weights of each step
     options = {"rank_tol": 0.0, "span_tol": 1e-4, "beam": 64, "length": 0,
                "steps": None, "max_batches": 0, "aggregate": False}
 

@@ -63,7 +63,7 @@ def captures(view, kind, name, steps=None, max_batches=0, party_key="party", **m
     leak), are skipped.  ``steps``: keep only these steps; ``max_batches``: at most this
     many distinct (party, step) batches (0: all)."""
     out, batches = [], set()
-    for m in view.messages(kind=kind, **meta):
+    for m in view.messages(kind=kind, with_tensors=True, **meta):
         party = m.meta.get(party_key) or m.src
         if not str(party).startswith("party-") or party == view.observer \
                 or (steps is not None and m.step not in steps):

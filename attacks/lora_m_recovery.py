@@ -63,7 +63,7 @@ def lora_passes(view, modes=None):
     """Every pass the observer saw, in capture order (a pass starts with its ``embed``).
     ``modes``: keep only these (``train``, ``eval``, ``generate``)."""
     open_pass, out = {}, []
-    for m in view.messages(kind=("embed", "act_down", "act_up")):
+    for m in view.messages(kind=("embed", "act_down", "act_up"), with_tensors=True):
         party = m.meta.get("party") or m.src
         if m.kind == "embed":
             p = LoraPass(party, m.step, m.meta.get("mode"), m.meta.get("position", 0),

@@ -186,6 +186,7 @@ class Tag(Attack):
     name = "tag"
     threat_model = FEDSGD_AGGREGATOR
     targets = {"fedsgd": ("grad",)}
+    replays = {"fedsgd": ("update",)}  # StepWeights rebuilds the weights of each step
     options = {"iters": 200, "lr": 0.1, "alpha": 0.01, "embeddings": "mixture", "reorder": 200,
                "bag_rel_tol": 0.0, "seed": 0, "threads": 1, "steps": [0], "max_batches": 0}
 

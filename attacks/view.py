@@ -57,14 +57,19 @@ class CapturedMessage:
     def names(self):
         return list(self.specs)
 
+    @property
+    def has_tensors(self):
+        """Whether the capture kept this message's tensors (or it had none)."""
+        return self.file is not None or not self.specs
+
     def tensor(self, name):
         """The tensor ``name`` of this message (a fresh CPU tensor)."""
         if name not in self.specs:
             raise KeyError(f"message {self.seq} ({self.kind}): no tensor {name!r}; "
                            f"has {', '.join(self.specs)}")
         if self.file is None:
-            raise ThreatModelError(f"message {self.seq}: the run captured metadata only "
-                                   "(capture.tensors: false); no tensor data to attack")
+            raise ThreatModelError(f"message {self.seq} ({self.kind}, step {self.step}): the capture kept "
+                                   "no tensors for it (capture.tensors); no tensor data to attack")
         return self._store.get(self.file, self.specs[name]["key"])
 
     def tensors(self):
@@ -158,6 +163,8 @@ class AdversaryView:
                              f"valid: {', '.join([WIRE] + self.roles)}")
         self._messages = [m for m in everything
                           if observer == WIRE or observer in (m.src, m.dst)]
+        # capture.tensors kept some steps' tensors but not all (metadata-only runs are not)
+        self.selective = any(m.file for m in everything) and not all(m.has_tensors for m in everything)
         self._cache = {}
 
     # -- traffic -------------------------------------------------------------------------
@@ -180,9 +187,11 @@ class AdversaryView:
                 _store=self._store))
         return out
 
-    def messages(self, kind=None, src=None, dst=None, step=None, **meta):
+    def messages(self, kind=None, src=None, dst=None, step=None, with_tensors=False, **meta):
         """Observed messages, filtered: ``kind``/``src``/``dst``/``step`` may be one value or
-        a collection; ``meta`` keys must equal the given values."""
+        a collection; ``meta`` keys must equal the given values.  ``with_tensors``: in a
+        selective capture (``capture.tensors`` kept some steps), only messages whose
+        tensors were kept."""
         def ok(value, want):
             if want is None:
                 return True
@@ -191,7 +200,8 @@ class AdversaryView:
             return value == want
         return [m for m in self._messages
                 if ok(m.kind, kind) and ok(m.src, src) and ok(m.dst, dst) and ok(m.step, step)
-                and all(m.meta.get(k) == v for k, v in meta.items())]
+                and all(m.meta.get(k) == v for k, v in meta.items())
+                and not (with_tensors and self.selective and not m.has_tensors)]
 
     def groups(self, kind=None, by=("src", "step"), **filters):
         """Observed messages grouped by the given fields (message attributes or meta keys),

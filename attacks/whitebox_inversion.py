@@ -110,7 +110,7 @@ class BottomReplay:
     def __init__(self, view, model, cut):
         cfg = view.config()
         self.cut, self.parties = cut, {}
-        self.grads = {(m.dst, m.step): m for m in view.messages(kind="grad")}
+        self.grads = {(m.dst, m.step): m for m in view.messages(kind="grad", with_tensors=True)}
         self.training = TrainingCfg(**cfg["training"])
         self._base = model
         sync = cfg["protocol"].get("options", {}).get("sync", "none")
@@ -154,6 +154,13 @@ class WhiteboxInversion(Attack):
     targets = {"split": ("act",)}
     options = {"method": "greedy", "replay": True, "iters": 300, "lr": 0.05, "temperature": 0.1,
                "seed": 0, "threads": 1, "steps": None, "max_batches": 0}
+
+    def capture_needs(self, protocol, options):
+        """With replay the bottom at a step depends on every earlier batch and gradient."""
+        steps, _ = super().capture_needs(protocol, options)
+        if not options.get("replay", True):
+            return steps, ()
+        return (None if steps is None else list(range(max(steps, default=-1) + 1)), ("grad",))
 
     def run(self, view, method="greedy", replay=True, iters=300, lr=0.05, temperature=0.1, seed=0,
             threads=1, steps=None, max_batches=0):

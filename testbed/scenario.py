@@ -158,9 +158,35 @@ class InitCfg(Strict):
     pretrain: Optional[PretrainCfg] = None
 
 
+class CaptureStepsCfg(Strict):
+    """A sample of steps: every ``every``-th step (0, N, 2N, ...), the ``first`` K and the
+    ``last`` K steps of the run, together."""
+
+    every: Optional[int] = Field(None, gt=0)
+    first: int = Field(0, ge=0)
+    last: int = Field(0, ge=0)
+
+
+class CaptureTensorsCfg(Strict):
+    """Which captured messages keep their tensors (the index keeps every message).
+
+    ``steps``: ``all``, a list of steps, or a :class:`CaptureStepsCfg` sample; ``kinds``:
+    the message kinds that keep tensors at those steps (None: every kind);
+    ``every_step``: kinds that keep tensors at every step (the state an attack replays,
+    e.g. FedSGD's broadcast ``update``).  Setup messages (step < 0) always keep theirs."""
+
+    steps: Union[Literal["all"], list[Annotated[int, Field(ge=0)]], CaptureStepsCfg] = "all"
+    kinds: Optional[list[str]] = None
+    every_step: list[str] = Field(default_factory=list)
+
+
 class CaptureCfg(Strict):
+    """``tensors``: ``true`` (every tensor), ``false`` (metadata only), ``auto`` (what the
+    scenario's attacks read, plus a sample of steps for attacks run later; see
+    :mod:`testbed.run.capture_policy`) or a :class:`CaptureTensorsCfg`."""
+
     enabled: bool = True
-    tensors: bool = True
+    tensors: Union[bool, Literal["auto"], CaptureTensorsCfg] = "auto"
 
 
 class DefenceCfg(Strict):

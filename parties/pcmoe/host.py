@@ -98,12 +98,12 @@ class ExpertHost:
         if train:
             with self.meter.scope():
                 x = x.requires_grad_()
-                y = torch.cat([shard(e, xe) for e, xe in zip(experts, torch.split(x, counts))])
+                y = shard.grouped(experts, counts, x)
             self._stored[(msg.src, msg.step, layer)] = (x, y)
             self.tracker.add_activations(self.meter.total)
         else:
             with torch.no_grad():
-                y = torch.cat([shard(e, xe) for e, xe in zip(experts, torch.split(x, counts))])
+                y = shard.grouped(experts, counts, x)
         meta = expert_meta(layer, experts, counts, msg.src, self.name, "fwd_out",
                            "train" if train else "eval")
         return Message(kind=OUT if train else EVAL_OUT, step=msg.step, meta=meta,

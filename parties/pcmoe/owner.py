@@ -66,7 +66,7 @@ class Pass:
 def layer_masks(model, embeds, position_ids):
     """The attention mask of each decoder layer, as the model's own forward builds them."""
     cfg, n = model.config, len(model.model.layers)
-    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, past_key_values=None,
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None,
               position_ids=position_ids)
     types = getattr(cfg, "layer_types", None)
     if types:
@@ -176,12 +176,18 @@ class Owner:
             y = outputs[host]
             lp.remote[host] = (y, rows, experts, counts)
             remote.update(zip(experts, torch.split(y, counts)))
-        shard = layer.mlp.experts
+        local = [(e, t) for e, t, _ in plan if e not in remote]
+        if local:  # every local expert in one grouped call
+            counts = [len(t) for _, t in local]
+            ys = layer.mlp.experts.grouped([e for e, _ in local], counts,
+                                           flat[torch.cat([t for _, t in local])])
+            remote.update(zip([e for e, _ in local], torch.split(ys, counts)))
         final = torch.zeros_like(flat)
-        for e, token_idx, top_k_pos in plan:
-            out = remote[e] if e in remote else shard(e, flat[token_idx])
-            out = out * weights[token_idx, top_k_pos, None]
-            final.index_add_(0, token_idx, out.to(final.dtype))
+        if plan:  # one weighted scatter-add, rows in the eager implementation's order
+            token_idx = torch.cat([t for _, t, _ in plan])
+            top_k_pos = torch.cat([k for _, _, k in plan])
+            out = torch.cat([remote[e] for e, _, _ in plan]) * weights[token_idx, top_k_pos, None]
+            final = final.index_add(0, token_idx, out.to(final.dtype))
         shared = getattr(layer.mlp, "shared_expert", None)
         if shared is not None:
             final = final + torch.sigmoid(layer.mlp.shared_expert_gate(flat)) * shared(flat)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from testbed.run import capture_policy
 from testbed.run.capture import CaptureWriter
 from testbed.engine.codec import DTYPES, Message
 from testbed.rundir import iter_jsonl
@@ -57,7 +58,8 @@ def merge_parts(rundir, parts_root, scenario, phases):
     for r in truth:
         rundir.truth(r["protocol"], r["party"], r["step"], torch.tensor(r["input_ids"], dtype=torch.int64))
     if scenario.capture.enabled and phases:
-        _merge_capture(rundir.path / "capture", parts, phases[0], scenario.capture.tensors)
+        _merge_capture(rundir.path / "capture", parts, phases[0],
+                       capture_policy.resolve(scenario.capture, phases[0], scenario.attacks))
 
 
 def _merge_capture(out_dir, parts, protocol, keep_tensors):

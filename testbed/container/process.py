@@ -227,7 +227,8 @@ class Process:
         locate = {r: host_of(r) for r in proto.role_names()}
         capture = None
         if main and roles and self.scenario.capture.enabled:
-            capture = self.writer.capture(name, self.scenario.capture.tensors)
+            # a part keeps every tensor; the merge applies capture.tensors to the whole run
+            capture = self.writer.capture(name, self.scenario.capture.tensors is not False)
         engine = ContainerEngine(name, self.name, locate, self.node, self.mailbox, on_log=on_log,
                                  capture=capture, t0=t0, recv_timeout=self.settings.recv_timeout)
         try:

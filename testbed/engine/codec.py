@@ -249,3 +249,8 @@ def decode(data, max_bytes=None):
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, IndexError) as exc:
         raise TransportError(f"malformed message header: {exc}") from None
+
+
+def encode_buffer(msg):
+    """:func:`encode` into a ``bytearray`` the engine can decode from in place."""
+    return bytearray(encode(msg))

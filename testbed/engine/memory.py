@@ -54,20 +54,22 @@ class MemoryTracker:
         self.peak = 0
         self.cuda_peak = 0
         self._warned = False
-        self._modules, self._opts = [], []
+        self._modules, self._opts, self._params = [], [], []
 
     def attach(self, modules=(), optimizers=()):
         """Register the modules/optimizers whose state this party holds."""
         self._modules = [m for m in modules if m is not None]
         self._opts = [o for o in optimizers if o is not None]
+        # walked once: update_state runs after every optimizer step
+        self._params = [p for m in self._modules for p in m.parameters()]
         self.update_state()
 
     def _tensors(self, kind):
         if kind == "params":
-            return [p for m in self._modules for p in m.parameters()]
+            return list(self._params)
         if kind == "grads":
             # Opacus (DP-SGD) keeps one gradient per example in p.grad_sample: count it too
-            return [g for m in self._modules for p in m.parameters()
+            return [g for p in self._params
                     for g in (p.grad, getattr(p, "grad_sample", None)) if isinstance(g, torch.Tensor)]
         return [t for o in self._opts for t in optimizer_state_tensors(o)]
 

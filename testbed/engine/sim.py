@@ -69,7 +69,9 @@ class SimEngine:
                                 f"roles: {', '.join(self.mailbox)}")
         msg = eff.message
         msg.src, msg.dst = role, eff.dst
-        data = codec.encode(msg)
+        # each tensor copied once into the frame; the receiver and the capture share the
+        # decoded copy (the capture writes exactly the bytes that crossed the wire)
+        data = codec.encode_buffer(msg)
         delivered = codec.decode(data)
         self.bytes_sent += len(data)
         self.messages += 1

@@ -19,6 +19,7 @@ from parties.models import build_model
 from parties.pretrain import starting_point
 from parties.registry import get_protocol
 
+from . import capture_policy
 from .capture import CaptureWriter
 from testbed.engine.devices import resolve_device
 from testbed.engine.sim import SimEngine
@@ -115,7 +116,10 @@ def run_protocol(name, scenario, data, init_model, rundir, main, progress):
     roles_names = proto.role_names()
     capture = None
     if main and scenario.capture.enabled:
-        capture = CaptureWriter(rundir.path / "capture", name, tensors=scenario.capture.tensors)
+        tensors = capture_policy.resolve(scenario.capture, name, scenario.attacks)
+        if not isinstance(tensors, bool):
+            log.info("capture %s: tensors of %s", name, tensors.describe())
+        capture = CaptureWriter(rundir.path / "capture", name, tensors=tensors)
 
     def on_log(rec):
         rundir.metric(rec)
