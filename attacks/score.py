@@ -9,9 +9,13 @@ row it matches best, each row used once).  Metrics, over every row of every atta
 * ``token_accuracy``  -- position-wise: matching tokens / truth length;
 * ``rouge1/2/L``      -- F-measure of the ``rouge-score`` package on decoded text;
 * ``exact_match``     -- fraction of rows recovered token for token;
-* ``canary_recovery`` -- planted secrets recovered / secrets present in attacked rows: a
-  canary counts when its value appears in the decoded reconstruction of a row that held
-  it, or among the attack's reported ``secrets`` for that batch;
+* ``canary_recovery`` -- planted secrets recovered / secrets present in attacked rows.
+  Where a row carries a canary comes from ``truth/tokens.jsonl`` (``canaries``: row and
+  token positions; computed from ``truth/canaries.json`` for runs that lack it).  A
+  canary counts as recovered when the reconstruction matched to its row has the value's
+  tokens at their positions, or its decoded text contains the value, or the value is
+  among the attack's reported ``secrets`` for that batch.  ``canary_rows`` lists every
+  (party, step, row, canary) present and whether it was recovered;
 * set-valued reconstructions (``kind="set"``) score ``token_set_recall`` /
   ``token_set_precision`` against the tokens present anywhere in the batch, and
   ``token_set_exact`` (the sets are equal).
@@ -20,7 +24,7 @@ import json
 from pathlib import Path
 
 from parties.data.tokenizer import decode_ids, load_tokenizer
-from testbed.rundir import iter_jsonl
+from testbed.rundir import canary_hits, iter_jsonl
 
 SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match")
 SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
@@ -28,11 +32,21 @@ SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
 
 def read_truth(run_dir):
     """(protocol, party, step) -> list of token-id rows, and the canary list."""
-    root = Path(run_dir) / "truth"
-    batches = {(rec["protocol"], rec["party"], rec["step"]): rec["input_ids"]
-               for rec in iter_jsonl(root / "tokens.jsonl")}
-    canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
+    batches, _, canaries = read_truth_hits(run_dir)
     return batches, canaries
+
+
+def read_truth_hits(run_dir):
+    """As :func:`read_truth`, plus (protocol, party, step) -> the canary occurrences of
+    that batch (``{"row", "canary", "start", "end"}``)."""
+    root = Path(run_dir) / "truth"
+    canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
+    batches, hits = {}, {}
+    for rec in iter_jsonl(root / "tokens.jsonl"):
+        key = (rec["protocol"], rec["party"], rec["step"])
+        batches[key] = rec["input_ids"]
+        hits[key] = rec["canaries"] if "canaries" in rec else canary_hits(rec["input_ids"], canaries)
+    return batches, hits, canaries
 
 
 def token_accuracy(pred, truth):
@@ -67,7 +81,8 @@ class Scorer:
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
-        self.batches, self.canaries = read_truth(run_dir)
+        self.batches, self.hits, self.canaries = read_truth_hits(run_dir)
+        self._by_id = {c["id"]: c for c in self.canaries}
         self.tok = load_tokenizer(self.run_dir / "public" / "tokenizer.json")
         from rouge_score import rouge_scorer
         self.rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
@@ -80,8 +95,7 @@ class Scorer:
         by_batch = {}
         for r in reconstructions:
             by_batch.setdefault(r.batch, []).append(r)
-        per_rec, rows_scored, sets_scored = [], [], []
-        canary_present = canary_found = 0
+        per_rec, rows_scored, sets_scored, canary_rows = [], [], [], []
         unknown = 0
         for key, recs in by_batch.items():
             rows = self.batches.get(key)
@@ -110,12 +124,8 @@ class Scorer:
                 per_rec.append(entry)
             if seqs:
                 rows_scored += [e or dict.fromkeys(SEQUENCE_METRICS, 0.0) for e in row_entry]
-            for c in self.canaries if seqs or secrets else ():
-                for j, text in enumerate(truth_text):
-                    if c["value"] in text:
-                        canary_present += 1
-                        pred = row_entry[j]["text"] if row_entry[j] else ""
-                        canary_found += int(c["value"] in pred or c["value"] in secrets)
+            if seqs or secrets:
+                canary_rows += self._canaries(key, rows, truth_text, row_entry, secrets)
         summary = {"reconstructions": len(reconstructions), "batches": len(by_batch) - unknown,
                    "unknown_batches": unknown}
         if rows_scored:
@@ -123,12 +133,38 @@ class Scorer:
             for m in SEQUENCE_METRICS:
                 summary[m] = sum(float(e[m]) for e in rows_scored) / len(rows_scored)
         if rows_scored or any(r.secrets for r in reconstructions):
-            summary["canaries_present"] = canary_present
-            summary["canary_recovery"] = canary_found / canary_present if canary_present else None
+            found = sum(c["recovered"] for c in canary_rows)
+            summary["canaries_present"] = len(canary_rows)
+            summary["canary_recovery"] = found / len(canary_rows) if canary_rows else None
+            summary["canary_rows"] = canary_rows
         if sets_scored:
             for m in SET_METRICS:
                 summary[m] = sum(float(e[m]) for e in sets_scored) / len(sets_scored)
         return summary, per_rec
+
+    def _canaries(self, key, rows, truth_text, row_entry, secrets):
+        """One dict per canary occurrence in the batch ``key``: where, and whether recovered."""
+        out, seen = [], set()
+        for h in self.hits.get(key, []):
+            c, j = self._by_id.get(h["canary"]), h["row"]
+            if c is None or j >= len(rows):
+                continue
+            seen.add((c["id"], j))
+            e = row_entry[j]
+            pred = e["token_ids"] if e else []
+            at_pos = len(pred) >= h["end"] and pred[h["start"]:h["end"]] == rows[j][h["start"]:h["end"]]
+            found = at_pos or (e is not None and c["value"] in e["text"]) or c["value"] in secrets
+            out.append({"party": key[1], "step": key[2], "row": j, "canary": c["id"],
+                        "start": h["start"], "end": h["end"], "recovered": bool(found)})
+        # Canaries without token positions (data not generated here): by decoded text.
+        for c in self.canaries:
+            for j, text in enumerate(truth_text):
+                if (c["id"], j) in seen or c.get("token_ids") or c["value"] not in text:
+                    continue
+                pred = row_entry[j]["text"] if row_entry[j] else ""
+                out.append({"party": key[1], "step": key[2], "row": j, "canary": c["id"],
+                            "recovered": c["value"] in pred or c["value"] in secrets})
+        return out
 
     def _seq_scores(self, pred, truth, pred_text, truth_text):
         r = self.rouge.score(truth_text, pred_text)

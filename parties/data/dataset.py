@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import canaries as canary_plan
 from .generator import generate_records
 from .loaders import load_records
 from .partition import partition
@@ -23,11 +24,13 @@ class PartyData:
     eval: torch.Tensor           # [rows, seq_len] int64
     record_ids: list = field(default_factory=list)
     eval_record_ids: list = field(default_factory=list)
+    planted: object = None       # canaries.CanaryRows: windows that open the first batches
 
     def sample(self, batch_size, gen):
         """``batch_size`` training rows drawn with ``gen`` (a torch.Generator)."""
         idx = torch.randint(len(self.train), (batch_size,), generator=gen)
-        return self.train[idx]
+        batch = self.train[idx]
+        return batch if self.planted is None else self.planted.apply(batch, gen)
 
     def eval_batches(self, batch_size, n_batches):
         """The first ``n_batches`` held-out batches, in a fixed order."""
@@ -95,4 +98,6 @@ def prepare_data(scenario, base_dir, cache_dir=None):
                       min_rows=scenario.training.batch_size * scenario.training.eval_batches),
             record_ids=[records[j]["id"] for j in train_ids],
             eval_record_ids=[records[j]["id"] for j in eval_ids]))
+    canary_plan.plan(canaries, records, parties, tok, seq, scenario.training.batch_size,
+                     dc.canaries.placement)
     return PreparedData(tok, records, canaries, shards, parties)
