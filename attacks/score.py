@@ -16,6 +16,11 @@ row it matches best, each row used once).  Metrics, over every row of every atta
   tokens at their positions, or its decoded text contains the value, or the value is
   among the attack's reported ``secrets`` for that batch.  ``canary_rows`` lists every
   (party, step, row, canary) present and whether it was recovered;
+* routed reconstructions (``kind="routed"``: PC-MoE, one predicted token per row an
+  expert host received) are placed at their positions by ``truth/routes.jsonl`` and
+  scored per (batch, layer) with the sequence metrics above, plus ``routed_accuracy``
+  (over the received rows) and ``by_layer``; see :mod:`attacks.score_routed`.  Their
+  token sets are scored too, as an extra;
 * set-valued reconstructions (``kind="set"``) score ``token_set_recall`` /
   ``token_set_precision`` against the tokens present anywhere in the batch, and
   ``token_set_exact`` (the sets are equal).
@@ -25,6 +30,8 @@ from pathlib import Path
 
 from parties.data.tokenizer import decode_ids, load_tokenizer
 from testbed.rundir import canary_hits, iter_jsonl
+
+from .score_routed import read_routes, score_routed
 
 SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match")
 SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
@@ -82,6 +89,7 @@ class Scorer:
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
         self.batches, self.hits, self.canaries = read_truth_hits(run_dir)
+        self.routes = read_routes(self.run_dir / "truth")
         self._by_id = {c["id"]: c for c in self.canaries}
         self.tok = load_tokenizer(self.run_dir / "public" / "tokenizer.json")
         from rouge_score import rouge_scorer
@@ -96,6 +104,7 @@ class Scorer:
         for r in reconstructions:
             by_batch.setdefault(r.batch, []).append(r)
         per_rec, rows_scored, sets_scored, canary_rows = [], [], [], []
+        layers = {}   # routed reconstructions: layer -> [correct, received, row scores]
         unknown = 0
         for key, recs in by_batch.items():
             rows = self.batches.get(key)
@@ -104,6 +113,20 @@ class Scorer:
                 per_rec += [{**r.to_json(), "text": self.decode(r.token_ids), "matched_row": None,
                              "note": "no such batch in truth/"} for r in recs]
                 continue
+            routed = [r for r in recs if r.kind == "routed"]
+            if routed:
+                entries, scored, found, lay = score_routed(self, key, routed, rows, [self.decode(x) for x in rows],
+                                                           self.hits.get(key, []), self._by_id)
+                per_rec += entries
+                sets_scored += entries
+                rows_scored += scored
+                canary_rows += found
+                for k, (c, n, s) in lay.items():
+                    acc = layers.setdefault(k, [0, 0, []])
+                    acc[0], acc[1], acc[2] = acc[0] + c, acc[1] + n, acc[2] + s
+                recs = [r for r in recs if r.kind != "routed"]
+                if not recs:
+                    continue
             seqs = [r for r in recs if r.kind == "sequence"]
             match = _match(seqs, rows)
             row_of = {id(seqs[i]): j for i, j in match.items()}
@@ -132,6 +155,12 @@ class Scorer:
             summary["rows"] = len(rows_scored)
             for m in SEQUENCE_METRICS:
                 summary[m] = sum(float(e[m]) for e in rows_scored) / len(rows_scored)
+        if layers:
+            summary["routed_accuracy"] = sum(c for c, _, _ in layers.values()) / max(
+                1, sum(n for _, n, _ in layers.values()))
+            summary["by_layer"] = {str(k): {"routed_accuracy": c / n if n else 0.0, "received": n, "rows": len(s),
+                                            **{m: sum(float(e[m]) for e in s) / len(s) for m in SEQUENCE_METRICS}}
+                                   for k, (c, n, s) in sorted(layers.items(), key=lambda kv: str(kv[0]))}
         if rows_scored or any(r.secrets for r in reconstructions):
             found = sum(c["recovered"] for c in canary_rows)
             summary["canaries_present"] = len(canary_rows)

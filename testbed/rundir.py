@@ -11,7 +11,8 @@
       truth/             private ground truth, for scoring only: tokens.jsonl (token ids
                          per protocol, party and step; ``canaries``: which rows carry
                          which canary, at which token positions), canaries.json,
-                         records.jsonl
+                         records.jsonl, routes.jsonl (PC-MoE: the batch row and position
+                         of every row of every routed training message)
       attacks/, report/
 
 Every file is written incrementally (append + flush) so a crash leaves everything up
@@ -69,6 +70,7 @@ class RunDir:
         self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
         self._truth = open(path / "truth" / "tokens.jsonl", "a", buffering=1)
         self._canaries = None   # read from truth/canaries.json at the first truth record
+        self._routes = None     # truth/routes.jsonl, opened by the first routed message
 
     def _write_manifest(self):
         tmp = self.path / "manifest.json.tmp"
@@ -98,9 +100,20 @@ class RunDir:
                                       "input_ids": rows,
                                       "canaries": canary_hits(rows, self._canaries)}) + "\n")
 
+    def route(self, protocol, party, step, layer, host, positions):
+        """Record, for one routed message of ``party`` to ``host`` at ``step`` and ``layer``,
+        the (batch row, position) of the token each of its rows carries (scoring only:
+        ``truth/routes.jsonl``; the message itself carries no positions)."""
+        if self._routes is None:
+            self._routes = open(self.path / "truth" / "routes.jsonl", "a", buffering=1)
+        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
+                                       "host": host, "positions": positions}) + "\n")
+
     def close(self, status="ok", error=None):
         self._metrics.close()
         self._truth.close()
+        if self._routes is not None:
+            self._routes.close()
         self.update_manifest(status=status, error=error, end=_now())
 
 

@@ -91,7 +91,9 @@ def build_roles(scenario, name, data, init_model, rundir, main, keep=None):
         scenario=scenario, vocab_size=data.vocab_size, parties=data.parties, device=device,
         build_model=lambda: copy.deepcopy(init_model), protocol_name=name,
         record_truth=(lambda party, step, ids: rundir.truth(name, party, step, ids)) if main
-        else (lambda party, step, ids: None))
+        else (lambda party, step, ids: None),
+        record_route=(lambda **route: rundir.route(name, **route)) if main and hasattr(rundir, "route")
+        else (lambda **route: None))
     proto = get_protocol(name)(ctx)
     ctx.trackers = {r: MemoryTracker(r, party_budget(scenario, r), scenario.parties.on_exceed)
                     for r in proto.role_names()}
