@@ -53,7 +53,7 @@ def attack_matrix(runs):
 FAMILIES = [
     ("sequence", "sequence (per position)",
      [("token_accuracy", "tok acc"), ("rouge1", "R-1"), ("rouge2", "R-2"), ("rougeL", "R-L"),
-      ("exact_match", "exact")]),
+      ("exact_match", "exact"), ("routed_accuracy", "routed")]),
     ("canary", "canaries", [("canary_recovery", "canary")]),
     ("set", "token sets", [("token_set_recall", "set rec"), ("token_set_precision", "set prec"),
                           ("token_set_exact", "set exact")]),
@@ -116,6 +116,14 @@ def attacks_section(ctx):
         sec.add(Table(head, table, caption="Scores per attack and observer (attacks/*.json): tok acc, "
                       "ROUGE-1/2/L and exact match per position; canary: planted secrets recovered / "
                       "present in attacked rows; set: token-set recall, precision, equality; s: seconds."))
+        layered = [(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']} ({res.get('observer', '?')})",
+                    (res.get("scores") or {})["by_layer"]) for run, res in rows
+                   if isinstance((res.get("scores") or {}).get("by_layer"), dict)]
+        if layered:
+            sec.add(Figure(privacy_plots.layer_plot(layered, ctx.png("attacks_by_layer.png")),
+                           "Per-position success by layer: token accuracy over every position of the "
+                           "attacked batches (positions the observer never received count as wrong) and "
+                           "accuracy over the rows it received."))
         notes = [[ctx.label(run, res.get("protocol", "?")), res["attack"], n]
                  for run, res in rows for n in res.get("notes") or []]
         if notes:

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 from matplotlib.figure import Figure  # noqa: E402  (after selecting the backend)
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .plots import WIDTH, _legend, _save  # noqa: E402
 
@@ -56,6 +57,30 @@ def exposure_plot(series, path, max_bits):
     ax.set_ylabel("exposure (bits)")
     ax.set_title("Canary exposure (Secret Sharer) under each model an observer holds")
     ax.grid(alpha=0.3, axis="y")
+    if series:
+        _legend(ax)
+    return _save(fig, path)
+
+
+def layer_plot(series, path):
+    """Per-position attack success against layer: [(label, {layer: {metric: value}})];
+    solid: token accuracy over every position, dashed: accuracy over the rows received."""
+    fig = Figure(figsize=(WIDTH, 4.2))
+    ax = fig.add_subplot()
+    for k, (label, by_layer) in enumerate(series):
+        layers = sorted(by_layer, key=lambda x: int(x) if str(x).isdigit() else str(x))
+        xs = [int(x) if str(x).isdigit() else i for i, x in enumerate(layers)]
+        color = f"C{k % 10}"
+        ax.plot(xs, [by_layer[x].get("token_accuracy", 0.0) for x in layers], marker="o", color=color,
+                label=f"{label}: token accuracy")
+        ax.plot(xs, [by_layer[x].get("routed_accuracy", 0.0) for x in layers], marker=".", ls="--",
+                color=color, label=f"{label}: on received rows")
+    ax.set_ylim(0, 1.02)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("MoE layer")
+    ax.set_ylabel("per-position accuracy")
+    ax.set_title("Leakage by layer (PC-MoE expert hosts, per position)")
+    ax.grid(alpha=0.3)
     if series:
         _legend(ax)
     return _save(fig, path)
