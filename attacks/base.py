@@ -58,12 +58,17 @@ FEDSGD_AGGREGATOR = ThreatModel(
             "it was computed at (starting checkpoint + broadcast updates) and the batch shape")
 
 
+KINDS = ("sequence", "set", "routed")
+
+
 @dataclass
 class Reconstruction:
     """One reconstructed private input, as the attack reports it.
 
-    ``kind`` is ``"sequence"`` (``token_ids`` in order, one batch row) or ``"set"``
-    (``token_ids`` = the tokens believed present anywhere in the batch).  ``row`` is the
+    ``kind`` is ``"sequence"`` (``token_ids`` in order, one batch row), ``"set"``
+    (``token_ids`` = the tokens believed present anywhere in the batch) or ``"routed"``
+    (``token_ids`` = one token per row of a PC-MoE expert message, in message order;
+    ``meta`` has its ``layer`` and ``host``; the scorer places them by position).  ``row`` is the
     row of the party's batch when the attack knows it, else ``None`` and the scorer
     matches reconstructions to rows.  ``secrets`` are strings the attack claims to have
     extracted (checked against the planted canaries).
@@ -79,8 +84,8 @@ class Reconstruction:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.kind not in ("sequence", "set"):
-            raise ValueError(f"Reconstruction.kind: expected 'sequence' or 'set' (got {self.kind!r})")
+        if self.kind not in KINDS:
+            raise ValueError(f"Reconstruction.kind: expected one of {', '.join(KINDS)} (got {self.kind!r})")
         self.token_ids = [int(t) for t in self.token_ids]
 
     @property

@@ -4,6 +4,9 @@
               run attacks on a run directory's capture, score them against its truth/,
               print the attack x observer x metric table and write
               RUN_DIR/attacks/<attack>-<observer>.json
+  exposure RUN_DIR [--candidates N]
+              Secret Sharer exposure of every canary under the models the observers
+              hold and under the starting checkpoint; writes RUN_DIR/attacks/exposure.json
   list        the registered attacks: threat model, targeted protocols and options
 
 Without ``--attack`` every registered attack runs (those that do not target the run's
@@ -52,6 +55,14 @@ def main_run(args):
     return 0
 
 
+def main_exposure(args):
+    from .exposure import format_exposure, run_exposure
+    out = run_exposure(args.run_dir, candidates=args.candidates)
+    print(format_exposure(out))
+    print(f"wrote {out['path']}")
+    return 0
+
+
 def main_list(_args):
     for name in attack_names():
         a = get_attack(name)
@@ -76,6 +87,10 @@ def main(argv=None):
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="attack option (repeatable)")
     p.add_argument("--json", action="store_true", help="print the results (without reconstructions) as JSON")
     p.set_defaults(func=main_run)
+    p = sub.add_parser("exposure", help="canary exposure under the models the observers hold")
+    p.add_argument("run_dir")
+    p.add_argument("--candidates", type=int, default=1000, help="random candidates per canary (default 1000)")
+    p.set_defaults(func=main_exposure)
     p = sub.add_parser("list", help="list the registered attacks")
     p.set_defaults(func=main_list)
     args = parser.parse_args(argv)

@@ -158,17 +158,16 @@ def candidate_ids(view, vocab_size):
 
 
 MOE_NOTE = ("PC-MoE expert messages carry no token positions (meta: layer, experts, counts, "
-            "origin, host): scored as the set of tokens of the origin's batch; per-row guesses "
-            "in meta.rows")
+            "origin, host): one guess per received row, placed by the owner's truth for scoring")
 
 
 def moe_reconstruction(cap, predicted, **meta):
-    """A set-valued :class:`Reconstruction` of the origin's batch from one PC-MoE expert
-    message: ``predicted`` holds one token id per received row (in message order, kept
-    in ``meta.rows`` for per-row analysis); the set of them is what gets scored."""
+    """A routed :class:`Reconstruction` of the origin's batch from one PC-MoE expert
+    message: ``predicted`` holds one token id per received row, in message order (the
+    scorer places them by position and also scores their set)."""
     from .base import Reconstruction
     rows = [int(t) for t in predicted]
-    return Reconstruction(cap.protocol, cap.party, cap.step, sorted(set(rows)), kind="set", meta={
+    return Reconstruction(cap.protocol, cap.party, cap.step, rows, kind="routed", meta={
         "layer": cap.meta.get("layer"), "host": cap.meta.get("host"), "experts": cap.meta.get("experts"),
         "counts": cap.meta.get("counts"), "seq": cap.seq, "rows": rows, "note": MOE_NOTE, **meta})
 

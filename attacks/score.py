@@ -9,9 +9,18 @@ row it matches best, each row used once).  Metrics, over every row of every atta
 * ``token_accuracy``  -- position-wise: matching tokens / truth length;
 * ``rouge1/2/L``      -- F-measure of the ``rouge-score`` package on decoded text;
 * ``exact_match``     -- fraction of rows recovered token for token;
-* ``canary_recovery`` -- planted secrets recovered / secrets present in attacked rows: a
-  canary counts when its value appears in the decoded reconstruction of a row that held
-  it, or among the attack's reported ``secrets`` for that batch;
+* ``canary_recovery`` -- planted secrets recovered / secrets present in attacked rows.
+  Where a row carries a canary comes from ``truth/tokens.jsonl`` (``canaries``: row and
+  token positions; computed from ``truth/canaries.json`` for runs that lack it).  A
+  canary counts as recovered when the reconstruction matched to its row has the value's
+  tokens at their positions, or its decoded text contains the value, or the value is
+  among the attack's reported ``secrets`` for that batch.  ``canary_rows`` lists every
+  (party, step, row, canary) present and whether it was recovered;
+* routed reconstructions (``kind="routed"``: PC-MoE, one predicted token per row an
+  expert host received) are placed at their positions by ``truth/routes.jsonl`` and
+  scored per (batch, layer) with the sequence metrics above, plus ``routed_accuracy``
+  (over the received rows) and ``by_layer``; see :mod:`attacks.score_routed`.  Their
+  token sets are scored too, as an extra;
 * set-valued reconstructions (``kind="set"``) score ``token_set_recall`` /
   ``token_set_precision`` against the tokens present anywhere in the batch, and
   ``token_set_exact`` (the sets are equal).
@@ -20,7 +29,9 @@ import json
 from pathlib import Path
 
 from parties.data.tokenizer import decode_ids, load_tokenizer
-from testbed.rundir import iter_jsonl
+from testbed.rundir import canary_hits, iter_jsonl
+
+from .score_routed import read_routes, score_routed
 
 SEQUENCE_METRICS = ("token_accuracy", "rouge1", "rouge2", "rougeL", "exact_match")
 SET_METRICS = ("token_set_recall", "token_set_precision", "token_set_exact")
@@ -33,14 +44,26 @@ def read_truth(run_dir):
     """(protocol, party, step) -> list of token-id rows, and the canary list.  Each
     (protocol, step) also has the key (protocol, "*", step): every party's rows of that
     step, in party order -- the batch behind an aggregated gradient."""
-    root = Path(run_dir) / "truth"
-    batches = {(rec["protocol"], rec["party"], rec["step"]): rec["input_ids"]
-               for rec in iter_jsonl(root / "tokens.jsonl")}
-    for (protocol, party, step), rows in sorted(batches.items(), key=lambda kv: str(kv[0])):
-        batches.setdefault((protocol, AGGREGATE, step), [])
-        batches[(protocol, AGGREGATE, step)] = batches[(protocol, AGGREGATE, step)] + rows
-    canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
+    batches, _, canaries = read_truth_hits(run_dir)
     return batches, canaries
+
+
+def read_truth_hits(run_dir):
+    """As :func:`read_truth`, plus (protocol, party, step) -> the canary occurrences of
+    that batch (``{"row", "canary", "start", "end"}``)."""
+    root = Path(run_dir) / "truth"
+    canaries = json.loads((root / "canaries.json").read_text()) if (root / "canaries.json").is_file() else []
+    batches, hits = {}, {}
+    for rec in iter_jsonl(root / "tokens.jsonl"):
+        key = (rec["protocol"], rec["party"], rec["step"])
+        batches[key] = rec["input_ids"]
+        hits[key] = rec["canaries"] if "canaries" in rec else canary_hits(rec["input_ids"], canaries)
+    for (protocol, party, step) in sorted(list(batches), key=str):   # the aggregates, party order
+        agg = (protocol, AGGREGATE, step)
+        offset = len(batches.get(agg, []))
+        batches[agg] = batches.get(agg, []) + batches[(protocol, party, step)]
+        hits[agg] = hits.get(agg, []) + [{**h, "row": h["row"] + offset} for h in hits[(protocol, party, step)]]
+    return batches, hits, canaries
 
 
 def token_accuracy(pred, truth):
@@ -75,7 +98,9 @@ class Scorer:
 
     def __init__(self, run_dir):
         self.run_dir = Path(run_dir)
-        self.batches, self.canaries = read_truth(run_dir)
+        self.batches, self.hits, self.canaries = read_truth_hits(run_dir)
+        self.routes = read_routes(self.run_dir / "truth")
+        self._by_id = {c["id"]: c for c in self.canaries}
         self.tok = load_tokenizer(self.run_dir / "public" / "tokenizer.json")
         from rouge_score import rouge_scorer
         self.rouge = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=False)
@@ -88,8 +113,8 @@ class Scorer:
         by_batch = {}
         for r in reconstructions:
             by_batch.setdefault(r.batch, []).append(r)
-        per_rec, rows_scored, sets_scored = [], [], []
-        canary_present = canary_found = 0
+        per_rec, rows_scored, sets_scored, canary_rows = [], [], [], []
+        layers = {}   # routed reconstructions: layer -> [correct, received, row scores]
         unknown = 0
         for key, recs in by_batch.items():
             rows = self.batches.get(key)
@@ -98,6 +123,20 @@ class Scorer:
                 per_rec += [{**r.to_json(), "text": self.decode(r.token_ids), "matched_row": None,
                              "note": "no such batch in truth/"} for r in recs]
                 continue
+            routed = [r for r in recs if r.kind == "routed"]
+            if routed:
+                entries, scored, found, lay = score_routed(self, key, routed, rows, [self.decode(x) for x in rows],
+                                                           self.hits.get(key, []), self._by_id)
+                per_rec += entries
+                sets_scored += entries
+                rows_scored += scored
+                canary_rows += found
+                for k, (c, n, s) in lay.items():
+                    acc = layers.setdefault(k, [0, 0, []])
+                    acc[0], acc[1], acc[2] = acc[0] + c, acc[1] + n, acc[2] + s
+                recs = [r for r in recs if r.kind != "routed"]
+                if not recs:
+                    continue
             seqs = [r for r in recs if r.kind == "sequence"]
             match = _match(seqs, rows)
             row_of = {id(seqs[i]): j for i, j in match.items()}
@@ -118,25 +157,53 @@ class Scorer:
                 per_rec.append(entry)
             if seqs:
                 rows_scored += [e or dict.fromkeys(SEQUENCE_METRICS, 0.0) for e in row_entry]
-            for c in self.canaries if seqs or secrets else ():
-                for j, text in enumerate(truth_text):
-                    if c["value"] in text:
-                        canary_present += 1
-                        pred = row_entry[j]["text"] if row_entry[j] else ""
-                        canary_found += int(c["value"] in pred or c["value"] in secrets)
+            if seqs or secrets:
+                canary_rows += self._canaries(key, rows, truth_text, row_entry, secrets)
         summary = {"reconstructions": len(reconstructions), "batches": len(by_batch) - unknown,
                    "unknown_batches": unknown}
         if rows_scored:
             summary["rows"] = len(rows_scored)
             for m in SEQUENCE_METRICS:
                 summary[m] = sum(float(e[m]) for e in rows_scored) / len(rows_scored)
+        if layers:
+            summary["routed_accuracy"] = sum(c for c, _, _ in layers.values()) / max(
+                1, sum(n for _, n, _ in layers.values()))
+            summary["by_layer"] = {str(k): {"routed_accuracy": c / n if n else 0.0, "received": n, "rows": len(s),
+                                            **{m: sum(float(e[m]) for e in s) / len(s) for m in SEQUENCE_METRICS}}
+                                   for k, (c, n, s) in sorted(layers.items(), key=lambda kv: str(kv[0]))}
         if rows_scored or any(r.secrets for r in reconstructions):
-            summary["canaries_present"] = canary_present
-            summary["canary_recovery"] = canary_found / canary_present if canary_present else None
+            found = sum(c["recovered"] for c in canary_rows)
+            summary["canaries_present"] = len(canary_rows)
+            summary["canary_recovery"] = found / len(canary_rows) if canary_rows else None
+            summary["canary_rows"] = canary_rows
         if sets_scored:
             for m in SET_METRICS:
                 summary[m] = sum(float(e[m]) for e in sets_scored) / len(sets_scored)
         return summary, per_rec
+
+    def _canaries(self, key, rows, truth_text, row_entry, secrets):
+        """One dict per canary occurrence in the batch ``key``: where, and whether recovered."""
+        out, seen = [], set()
+        for h in self.hits.get(key, []):
+            c, j = self._by_id.get(h["canary"]), h["row"]
+            if c is None or j >= len(rows):
+                continue
+            seen.add((c["id"], j))
+            e = row_entry[j]
+            pred = e["token_ids"] if e else []
+            at_pos = len(pred) >= h["end"] and pred[h["start"]:h["end"]] == rows[j][h["start"]:h["end"]]
+            found = at_pos or (e is not None and c["value"] in e["text"]) or c["value"] in secrets
+            out.append({"party": key[1], "step": key[2], "row": j, "canary": c["id"],
+                        "start": h["start"], "end": h["end"], "recovered": bool(found)})
+        # Canaries without token positions (data not generated here): by decoded text.
+        for c in self.canaries:
+            for j, text in enumerate(truth_text):
+                if (c["id"], j) in seen or c.get("token_ids") or c["value"] not in text:
+                    continue
+                pred = row_entry[j]["text"] if row_entry[j] else ""
+                out.append({"party": key[1], "step": key[2], "row": j, "canary": c["id"],
+                            "recovered": c["value"] in pred or c["value"] in secrets})
+        return out
 
     def _seq_scores(self, pred, truth, pred_text, truth_text):
         r = self.rouge.score(truth_text, pred_text)

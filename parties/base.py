@@ -29,6 +29,9 @@ class RoleContext:
     build_model: Callable               # () -> fresh model from the shared starting checkpoint
     trackers: dict = field(default_factory=dict)   # role -> testbed.engine.memory.MemoryTracker
     record_truth: Callable = lambda party, step, ids: None
+    # record_route(party=, step=, layer=, host=, positions=[[row, pos], ...]): which token of
+    # the party's batch each row of a routed message carries (PC-MoE; scoring only)
+    record_route: Callable = lambda **route: None
     protocol_name: str = ""
 
     @property

@@ -9,7 +9,10 @@
       capture/           index.jsonl + tensors/*.safetensors (see testbed.run.capture)
       public/            what every party may know: tokenizer.json, the starting checkpoint
       truth/             private ground truth, for scoring only: tokens.jsonl (token ids
-                         per protocol, party and step), canaries.json, records.jsonl
+                         per protocol, party and step; ``canaries``: which rows carry
+                         which canary, at which token positions), canaries.json,
+                         records.jsonl, routes.jsonl (PC-MoE: the batch row and position
+                         of every row of every routed training message)
       attacks/, report/
 
 Every file is written incrementally (append + flush) so a crash leaves everything up
@@ -66,6 +69,8 @@ class RunDir:
         self._write_manifest()
         self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
         self._truth = open(path / "truth" / "tokens.jsonl", "a", buffering=1)
+        self._canaries = None   # read from truth/canaries.json at the first truth record
+        self._routes = None     # truth/routes.jsonl, opened by the first routed message
 
     def _write_manifest(self):
         tmp = self.path / "manifest.json.tmp"
@@ -85,14 +90,48 @@ class RunDir:
         p.write_text(json.dumps(obj, indent=2))
 
     def truth(self, protocol, party, step, input_ids):
-        """Record the private token ids ``party`` trained on at ``step`` (scoring only)."""
+        """Record the private token ids ``party`` trained on at ``step`` (scoring only),
+        with the canaries of ``truth/canaries.json`` its rows carry."""
+        if self._canaries is None:
+            p = self.path / "truth" / "canaries.json"
+            self._canaries = json.loads(p.read_text()) if p.is_file() else []
+        rows = input_ids.tolist()
         self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
-                                      "input_ids": input_ids.tolist()}) + "\n")
+                                      "input_ids": rows,
+                                      "canaries": canary_hits(rows, self._canaries)}) + "\n")
+
+    def route(self, protocol, party, step, layer, host, positions):
+        """Record, for one routed message of ``party`` to ``host`` at ``step`` and ``layer``,
+        the (batch row, position) of the token each of its rows carries (scoring only:
+        ``truth/routes.jsonl``; the message itself carries no positions)."""
+        if self._routes is None:
+            self._routes = open(self.path / "truth" / "routes.jsonl", "a", buffering=1)
+        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
+                                       "host": host, "positions": positions}) + "\n")
 
     def close(self, status="ok", error=None):
         self._metrics.close()
         self._truth.close()
+        if self._routes is not None:
+            self._routes.close()
         self.update_manifest(status=status, error=error, end=_now())
+
+
+def canary_hits(rows, canaries):
+    """Where the canaries occur in ``rows`` (lists of token ids): one
+    ``{"row", "canary", "start", "end"}`` per occurrence of a canary's ``token_ids`` (the
+    value's tokens as encoded in its record) as a contiguous run of a row."""
+    out = []
+    for c in canaries:
+        pat = c.get("token_ids")
+        if not pat:
+            continue
+        n = len(pat)
+        for r, row in enumerate(rows):
+            for s in range(len(row) - n + 1):
+                if row[s] == pat[0] and row[s:s + n] == pat:
+                    out.append({"row": r, "canary": c["id"], "start": s, "end": s + n})
+    return out
 
 
 def iter_jsonl(path):

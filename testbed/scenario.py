@@ -62,6 +62,9 @@ class SplitCfg(Strict):
 class CanaryCfg(Strict):
     count: int = Field(8, ge=0)
     repeats: int = Field(1, ge=1)
+    # traffic: each canary's window also opens its holder's first batches, so the captured,
+    # attacked steps carry it (parties/data/canaries.py); records: only inside the records.
+    placement: Literal["traffic", "records"] = "traffic"
 
 
 class TokenizerCfg(Strict):

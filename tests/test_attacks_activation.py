@@ -265,6 +265,33 @@ def test_pcmoe_attacks_score_routed_tokens(pcmoe, name, options):
               f"{s['token_set_recall']:.3f}, set precision {s['token_set_precision']:.3f}")
         assert 0.0 <= acc <= 1.0 and 0.0 <= s["token_set_precision"] <= 1.0
         assert any("no token positions" in n for n in res["notes"])
+        # per position, like every protocol: each (layer, batch row) is one scored row
+        assert set(s["by_layer"]) == {"0", "1"} and s["rows"] == 2 * 4 * s["batches"]
+        assert all(0.0 <= s[m] <= 1.0 for m in ("token_accuracy", "rougeL", "exact_match", "routed_accuracy"))
+        routes = {(r["party"], r["step"], r["layer"], r["host"]): r["positions"]
+                  for r in map(json.loads, (pcmoe / "truth" / "routes.jsonl").read_text().splitlines())}
+        rows, hit, total = truth(pcmoe), 0, 0
+        for rec in res["reconstructions"]:
+            pos = routes[(rec["party"], rec["step"], rec["meta"]["layer"], host)]
+            hit += sum(int(t == rows[(rec["party"], rec["step"])][b][p]) for t, (b, p) in zip(rec["token_ids"], pos))
+            total += len(pos)
+        assert s["routed_accuracy"] == pytest.approx(hit / total)
+
+
+def test_pcmoe_truth_places_every_routed_row(pcmoe):
+    """truth/routes.jsonl gives each row of each routed message its (batch row, position):
+    at step 0 (init weights) every captured row equals the attacker's own expert input there."""
+    wire = AdversaryView(pcmoe, "wire")
+    model, rows = attacker_model(wire), truth(pcmoe)
+    routes = {(r["party"], r["step"], r["layer"], r["host"]): r["positions"]
+              for r in map(json.loads, (pcmoe / "truth" / "routes.jsonl").read_text().splitlines())}
+    msgs = [m for m in wire.messages(kind="expert_fwd") if m.step == 0]
+    assert msgs and len(routes) == len(wire.messages(kind="expert_fwd"))
+    for m in msgs:
+        pos = torch.tensor(routes[(m.meta["origin"], 0, m.meta["layer"], m.meta["host"])])
+        with torch.no_grad():
+            x = moe_inputs(model, torch.tensor(rows[(m.meta["origin"], 0)]), m.meta["layer"])
+        assert torch.allclose(m.tensor("hidden"), x[pos[:, 0], pos[:, 1]], atol=1e-5)
 
 
 def test_routing_trace_pairs_a_tokens_rows_across_two_experts():

@@ -55,8 +55,14 @@ def test_bag_of_tokens_is_the_exact_token_set(run, truth):
     assert 0.8 < summary["token_set_recall"] <= 1.0
 
 
-def test_dager_recovers_every_sequence_exactly(run, truth):
+@pytest.fixture(scope="module")
+def dager(run):
     [res] = run_attacks(run, ["dager"])
+    return res
+
+
+def test_dager_recovers_every_sequence_exactly(run, truth, dager):
+    res = dager
     assert res["status"] == "ok" and res["notes"] == []
     scores = res["scores"]
     assert scores["batches"] == len(truth) == 4
@@ -67,6 +73,26 @@ def test_dager_recovers_every_sequence_exactly(run, truth):
     assert got == want
     saved = json.loads(Path(res["path"]).read_text())
     assert saved["scores"] == scores and len(saved["reconstructions"]) == 8
+
+
+def test_planted_canaries_are_on_the_wire_and_dager_recovers_them(run, dager):
+    """Every canary a party trains on opens its first batch (step 0, which every attack
+    covers); truth marks the row and token positions; DAGER, exact, recovers each."""
+    canaries = json.loads((run / "truth" / "canaries.json").read_text())
+    planted = {(p["party"], p["row"], c["id"]) for c in canaries for p in c["planted"]}
+    assert len(planted) >= 2
+    with open(run / "truth" / "tokens.jsonl") as f:
+        lines = [json.loads(x) for x in f]
+    hits = {(r["party"], h["row"], h["canary"]) for r in lines if r["step"] == 0 for h in r["canaries"]}
+    assert planted <= hits
+    by_id = {c["id"]: c for c in canaries}
+    for r in lines:
+        for h in r["canaries"]:
+            assert r["input_ids"][h["row"]][h["start"]:h["end"]] == by_id[h["canary"]]["token_ids"]
+    scores = dager["scores"]
+    assert scores["canaries_present"] == len(scores["canary_rows"]) >= len(planted)
+    assert scores["canary_recovery"] == 1.0
+    assert planted <= {(c["party"], c["row"], c["canary"]) for c in scores["canary_rows"] if c["step"] == 0}
 
 
 def test_dager_needs_weights_it_can_rebuild(run):
@@ -185,3 +211,32 @@ def test_numerical_rank():
     assert numerical_rank(s) == 3                       # widest gap below 1e-3
     assert numerical_rank(s, rank_tol=1e-3) == 2        # an explicit cut
     assert numerical_rank(torch.tensor([1.0, 0.5, 0.2, 0.1], dtype=torch.float64)) == 4
+
+
+def test_exposure_of_a_memorised_canary_is_maximal_and_the_global_model_is_rebuilt(run):
+    """Secret Sharer exposure: a model fine-tuned on the canary's sentence ranks it first
+    among its random candidates (exposure = log2(n + 1)); the FedSGD global model an
+    observer holds is the checkpoint with every broadcast update replayed."""
+    import math
+
+    from attacks.exposure import candidates_for, exposure, held_models, run_exposure
+    view = AdversaryView(run, "coordinator")
+    [global_model] = held_models(view).values()
+    init = view.init_model()
+    assert any(not torch.equal(a, b) for a, b in zip(global_model.parameters(), init.parameters()))
+    canary = json.loads((run / "truth" / "canaries.json").read_text())[0]
+    tok = view.tokenizer()
+    cands = candidates_for(canary, 30)
+    assert len(set(cands)) == 30 and canary["value"] not in cands
+    ids = torch.tensor([tok.encode(f"{canary['prefix']} {canary['value']}").ids])
+    opt = torch.optim.Adam(init.parameters(), lr=1e-2)
+    init.train()
+    for _ in range(60):
+        opt.zero_grad()
+        init(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    bits, rank = exposure(init.eval(), tok, canary, cands)
+    assert rank == 1 and bits == pytest.approx(math.log2(31))
+    out = run_exposure(run, candidates=30)
+    assert [m["model"].split(":")[0] for m in out["models"]] == ["reference", "global model after step 1"]
+    assert all(0 <= b <= math.log2(31) for m in out["models"] for b in m["exposure"].values())

@@ -244,3 +244,33 @@ def test_partition_errors():
     object.__setattr__(cfg, "method", "random")  # bypass validation to reach the runtime check
     with pytest.raises(ValueError, match="random.*iid"):
         partition(LABELLED, 2, cfg, random.Random(0))
+
+
+# ---- canaries in the traffic ---------------------------------------------------------
+
+@pytest.mark.parametrize("placement", ["traffic", "records"])
+def test_canary_windows_open_each_holders_first_batches(tmp_path, placement):
+    """Each trained canary's window (its value whole) opens its holder's first batch, for
+    every sampling generator afresh; ``records`` plants nothing in batches."""
+    import torch
+
+    from parties.data.dataset import prepare_data
+    from testbed.rundir import canary_hits
+    from testbed.scenario import parse_scenario
+    sc = parse_scenario({"name": "c", "seed": 1, "data": {"records": 40, "canaries": {"count": 4, "placement": placement},
+                                                          "tokenizer": {"vocab_size": 300}},
+                         "parties": {"count": 2}, "training": {"batch_size": 3, "seq_len": 24}}, "<t>")
+    data = prepare_data(sc, tmp_path, None)
+    trained = {c["id"] for c in data.canaries for p in data.parties if set(c["record_ids"]) & set(p.record_ids)}
+    assert trained and all(c["token_ids"] for c in data.canaries)
+    planted = {c["id"] for c in data.canaries if c["planted"]}
+    assert planted == (trained if placement == "traffic" else set())
+    for p in data.parties:
+        mine = [(c, x) for c in data.canaries for x in c["planted"] if x["party"] == p.name]
+        for _ in range(2):   # two protocols of one run: each generator starts at batch 0
+            gen = torch.Generator().manual_seed(0)
+            batches = [p.sample(3, gen).tolist() for _ in range(2)]
+            for c, x in mine:
+                row = batches[x["batch"]][x["row"]]
+                assert len(row) == 24 and c["value"] in decode_ids(data.tokenizer, row)
+                assert {h["canary"] for h in canary_hits([row], data.canaries)} >= {c["id"]}

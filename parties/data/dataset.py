@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from . import canaries as canary_plan
 from .generator import generate_records
 from .loaders import load_records
 from .partition import partition
@@ -66,6 +67,7 @@ class PartyData:
     record_ids: list = field(default_factory=list)
     eval_record_ids: list = field(default_factory=list)
     original: Optional[torch.Tensor] = None   # training rows before a text defence (santext)
+    planted: object = None       # canaries.CanaryRows: windows that open the first batches
 
     _samplers: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -81,8 +83,10 @@ class PartyData:
 
     def sample(self, batch_size, gen):
         """The next ``batch_size`` training rows of the epoch stream drawn with ``gen``
-        (a torch.Generator): without replacement within an epoch."""
-        return self.sampler(gen)(batch_size)
+        (a torch.Generator): without replacement within an epoch; planted canary windows
+        open the first batches."""
+        batch = self.sampler(gen)(batch_size)
+        return batch if self.planted is None else self.planted.apply(batch, gen)
 
     def eval_batches(self, batch_size, n_batches):
         """The first ``n_batches`` held-out batches, in a fixed order."""
@@ -154,4 +158,6 @@ def prepare_data(scenario, base_dir, cache_dir=None, tokenizer=None):
                       min_rows=scenario.training.batch_size * scenario.training.eval_batches),
             record_ids=[records[j]["id"] for j in train_ids],
             eval_record_ids=[records[j]["id"] for j in eval_ids]))
+    canary_plan.plan(canaries, records, parties, tok, seq, scenario.training.batch_size,
+                     dc.canaries.placement)
     return PreparedData(tok, records, canaries, shards, parties)

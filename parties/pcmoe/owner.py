@@ -80,8 +80,10 @@ def layer_masks(model, embeds, position_ids):
 class Owner:
     """The forward/backward of the party that trains (or evaluates) on its own batch."""
 
-    def __init__(self, index, n_parties, model, meter, tracker, noise_sigma=0.0, noise_gen=None):
+    def __init__(self, index, n_parties, model, meter, tracker, noise_sigma=0.0, noise_gen=None,
+                 record_route=None):
         self.name, self.n = party_name(index), n_parties
+        self.record_route = record_route or (lambda **route: None)
         self.model, self.meter, self.tracker = model, meter, tracker
         self.noise_sigma, self.noise_gen = noise_sigma, noise_gen
         cfg = model.config
@@ -161,6 +163,10 @@ class Owner:
                 hidden = hidden + self.noise_sigma * torch.randn(
                     hidden.shape, generator=self.noise_gen).to(hidden.device, hidden.dtype)
             meta = expert_meta(l, experts, counts, self.name, host, "fwd", "train" if train else "eval")
+            if train:   # truth for scoring: the (batch row, position) of every row sent
+                seq_len = lp.x_in.shape[1]
+                self.record_route(party=self.name, step=step, layer=l, host=host,
+                                  positions=[[r // seq_len, r % seq_len] for r in rows.tolist()])
             lp.remote[host] = (None, rows, experts, counts)
             out.append((host, Message(kind=FWD if train else EVAL_FWD, step=step, meta=meta,
                                       tensors={"hidden": hidden.contiguous()})))

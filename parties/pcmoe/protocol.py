@@ -94,7 +94,7 @@ class PartyState:
         self.data = ctx.parties[index]
         self.gen = ctx.generator("site" if n == 1 else self.name)
         self.owner = Owner(index, n, self.model, self.meter, self.tracker, options["noise_sigma"],
-                           ctx.generator(self.name, "noise"))
+                           ctx.generator(self.name, "noise"), record_route=ctx.record_route)
         self.host = ExpertHost(self.name, self.shards, self.opt, self.tracker, self.meter)
         self.host.train_remote = options["expert_training"] == "all"
         self.local_steps = 0

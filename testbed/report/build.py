@@ -24,7 +24,8 @@ SECTIONS = (overview_section, seeds_section, learning_section, memory_section, c
             attacks_section, dp_section, throughput_section, records_section, scenario_section)
 # PNG names the sections write; removed first so a re-run leaves no stale plot behind.
 PNGS = ("loss_vs_step.png", "loss_vs_time.png", "memory.png", "bytes_per_link.png",
-        "bytes_per_step.png", "attacks.png", "epsilon.png", "seeds.png")
+        "bytes_per_step.png", "attacks.png", "epsilon.png", "seeds.png", "exposure.png",
+        "attacks_by_layer.png")
 
 
 def default_out_dir(run_paths, now=None):

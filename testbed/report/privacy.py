@@ -1,5 +1,8 @@
 """Report sections on privacy: the attack x protocol x metric matrix, and DP epsilon.
 
+Scores are shown per metric family -- sequence (per position), canaries, token sets --
+each on its own scale (:data:`FAMILIES`).
+
 The matrix is built from whatever ``attacks/*.json`` the runs hold (written by
 ``python -m attacks run`` or by a scenario's ``attacks:`` list); nothing here knows an
 attack by name.  A score is any float in [0, 1] under a result's ``scores`` (counts
@@ -46,30 +49,81 @@ def attack_matrix(runs):
     return rows, metrics, values, skipped, not_run
 
 
+# Metric families, each on its own scale (panel and table columns), in this order.
+FAMILIES = [
+    ("sequence", "sequence (per position)",
+     [("token_accuracy", "tok acc"), ("rouge1", "R-1"), ("rouge2", "R-2"), ("rougeL", "R-L"),
+      ("exact_match", "exact"), ("routed_accuracy", "routed")]),
+    ("canary", "canaries", [("canary_recovery", "canary")]),
+    ("set", "token sets", [("token_set_recall", "set rec"), ("token_set_precision", "set prec"),
+                          ("token_set_exact", "set exact")]),
+]
+
+
+def families(metrics):
+    """Split score names into [(family, title, [(key, short name)])]; unknown scores go to
+    an ``other`` family; families with no measured metric are dropped."""
+    known = {k for _, _, cols in FAMILIES for k, _ in cols}
+    out = [(f, t, [(k, n) for k, n in cols if k in metrics]) for f, t, cols in FAMILIES]
+    other = [(k, k) for k in metrics if k not in known]
+    if other:
+        out.append(("other", "other scores", other))
+    return [x for x in out if x[2]]
+
+
+def _canary_cell(sc):
+    present = sc.get("canaries_present")
+    if not present:
+        return "-"
+    found = sum(1 for c in sc.get("canary_rows") or [] if c.get("recovered"))
+    return f"{found}/{present}"
+
+
 def attacks_section(ctx):
-    """Heatmap and table of every attack score, skipped attacks, threat models, "not run"."""
+    """Score panels (one scale per metric family) and a compact table of every attack,
+    skipped attacks, threat models, "not run"."""
+    from . import privacy_plots
     sec = Section("Privacy: attacks")
     rows, metrics, values, skipped, not_run = attack_matrix(ctx.runs)
     for run, why in not_run:
         sec.add(Note(f"{run.label}: attacks not run ({why})"))
+    _exposure(ctx, sec)
     if not rows and not skipped:
         return sec
     if rows:
+        fams = families(metrics)
+        col = {m: j for j, m in enumerate(metrics)}
         labels = [f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']} ({res.get('observer', '?')})"
                   for run, res in rows]
-        if metrics:
-            sec.add(Figure(plots.heatmap(labels, metrics, values, ctx.png("attacks.png"),
-                                         "Attack × protocol × metric"),
-                           "Each row is one attack as one observer on one protocol's captured "
-                           "traffic, scored against the private data (1 = fully recovered)."))
+        if fams:
+            panels = [(f, t, [n for _, n in cols], [[vals[col[k]] for k, _ in cols] for vals in values])
+                      for f, t, cols in fams]
+            sec.add(Figure(privacy_plots.score_panels(labels, panels, ctx.png("attacks.png"),
+                                                      "Attack × protocol, one scale per metric family"),
+                           "Each row is one attack as one observer on one protocol's captured traffic, "
+                           "scored against the private data (1 = fully recovered). Sequence metrics "
+                           "compare position by position; canary recovery counts planted secrets in "
+                           "attacked rows; token-set metrics ignore order and are not comparable to "
+                           "the sequence metrics."))
         table = []
         for (run, res), vals in zip(rows, values):
             sc = res.get("scores") or {}
-            table.append([ctx.label(run, res.get("protocol", "?")), res["attack"], res.get("observer", "?")]
-                         + [fmt_num(v) for v in vals]
-                         + [fmt_num(sc.get("batches")), fmt_num(sc.get("rows")), fmt_num(res.get("seconds"))])
-        sec.add(Table(["protocol", "attack", "observer"] + metrics + ["batches", "rows", "seconds"], table,
-                      caption="Scores per attack and observer (from attacks/*.json)."))
+            cells = [ctx.label(run, res.get("protocol", "?")), res["attack"], res.get("observer", "?")]
+            for f, _, cols in fams:
+                cells += [_canary_cell(sc)] if f == "canary" else [fmt_num(vals[col[k]]) for k, _ in cols]
+            table.append(cells + [fmt_num(sc.get("rows")), fmt_num(res.get("seconds"))])
+        head = ["protocol", "attack", "observer"] + [n for _, _, cols in fams for _, n in cols] + ["rows", "s"]
+        sec.add(Table(head, table, caption="Scores per attack and observer (attacks/*.json): tok acc, "
+                      "ROUGE-1/2/L and exact match per position; canary: planted secrets recovered / "
+                      "present in attacked rows; set: token-set recall, precision, equality; s: seconds."))
+        layered = [(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']} ({res.get('observer', '?')})",
+                    (res.get("scores") or {})["by_layer"]) for run, res in rows
+                   if isinstance((res.get("scores") or {}).get("by_layer"), dict)]
+        if layered:
+            sec.add(Figure(privacy_plots.layer_plot(layered, ctx.png("attacks_by_layer.png")),
+                           "Per-position success by layer: token accuracy over every position of the "
+                           "attacked batches (positions the observer never received count as wrong) and "
+                           "accuracy over the rows it received."))
         notes = [[ctx.label(run, res.get("protocol", "?")), res["attack"], n]
                  for run, res in rows for n in res.get("notes") or []]
         if notes:
@@ -88,6 +142,35 @@ def attacks_section(ctx):
     sec.add(Table(["attack", "observers", "knowledge", "threat model"],
                   [[name] + cells for name, cells in models.items()], caption="Threat models."))
     return sec
+
+
+def _exposure(ctx, sec):
+    """Canary exposure (attacks/exposure.json, ``python -m attacks exposure``): a figure and
+    a table per run that has it."""
+    import json
+
+    from . import privacy_plots
+    for run in ctx.runs:
+        f = run.path / "attacks" / "exposure.json"
+        if not f.is_file():
+            continue
+        try:
+            out = json.loads(f.read_text())
+            ids = [c["id"] for c in out["canaries"]]
+            trained = {c["id"]: c.get("trained") for c in out["canaries"]}
+            series = [(m["model"], m["exposure"]) for m in out["models"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            sec.add(Note(f"{run.label}: attacks/exposure.json unreadable ({exc})"))
+            continue
+        name = f"exposure-{run.label}.png" if len(ctx.runs) > 1 else "exposure.png"
+        sec.add(Figure(privacy_plots.exposure_plot(series, ctx.png(name), out["max_bits"]),
+                       f"{run.label}: exposure of each canary (bits; {out['candidates']} random "
+                       "candidates of its format) under the models observers hold, against the "
+                       "starting checkpoint that never saw it."),
+                Table(["model", "held by"] + [f"{i}{'' if trained[i] else ' (not trained on)'}" for i in ids],
+                      [[m["model"], m["held_by"]] + [f"{m['exposure'][i]:.2f} (rank {m['rank'][i]})"
+                                                     for i in ids] for m in out["models"]],
+                      caption=f"{run.label}: canary exposure, max {out['max_bits']:.2f} bits."))
 
 
 def epsilon_series(run, protocol):

@@ -95,7 +95,9 @@ def build_roles(scenario, name, data, init_model, rundir, main, keep=None):
         scenario=scenario, vocab_size=data.vocab_size, parties=data.parties, device=device,
         build_model=lambda: copy.deepcopy(init_model), protocol_name=name,
         record_truth=(lambda party, step, ids: rundir.truth(name, party, step, original(party, ids)))
-        if main else (lambda party, step, ids: None))
+        if main else (lambda party, step, ids: None),
+        record_route=(lambda **route: rundir.route(name, **route)) if main and hasattr(rundir, "route")
+        else (lambda **route: None))
     proto = get_protocol(name)(ctx)
     if main:
         check_supported(proto, scenario.defences)
