@@ -40,9 +40,12 @@ def write_shard(directory, pd):
     rows = {"train": pd.train.contiguous(), "eval": pd.eval.contiguous()}
     if pd.original is not None:  # the party's own text before a text defence (its truth)
         rows["original"] = pd.original.contiguous()
+    if pd.planted is not None:   # canary windows that open the party's first batches
+        rows["planted"] = pd.planted.rows.contiguous()
     save_file(rows, str(directory / SHARD))
     (directory / SHARD_META).write_text(json.dumps(
-        {"name": pd.name, "record_ids": pd.record_ids, "eval_record_ids": pd.eval_record_ids}))
+        {"name": pd.name, "record_ids": pd.record_ids, "eval_record_ids": pd.eval_record_ids,
+         "planted_batch_size": pd.planted.batch_size if pd.planted is not None else None}))
 
 
 def read_shard(directory):
@@ -52,8 +55,12 @@ def read_shard(directory):
                                            "(or the shard is not mounted here)"])
     rows = load_file(str(directory / SHARD))
     meta = json.loads((directory / SHARD_META).read_text())
+    planted = None
+    if "planted" in rows:
+        from parties.data.canaries import CanaryRows
+        planted = CanaryRows(rows["planted"], meta["planted_batch_size"])
     return PartyData(name=meta["name"], train=rows["train"], eval=rows["eval"], original=rows.get("original"),
-                     record_ids=meta["record_ids"], eval_record_ids=meta["eval_record_ids"])
+                     planted=planted, record_ids=meta["record_ids"], eval_record_ids=meta["eval_record_ids"])
 
 
 class Unavailable:
