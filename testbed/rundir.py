@@ -95,6 +95,22 @@ class RunDir:
         self.update_manifest(status=status, error=error, end=_now())
 
 
+RUN_MARKERS = ("scenario.yaml", "manifest.json", "metrics.jsonl")
+
+
+def check_run_dir(path, needs=RUN_MARKERS[:1]):
+    """``path`` as a Path when it is a run directory holding every file of ``needs``; else a
+    one-line ConfigError naming it ("not a run directory (...)")."""
+    from .errors import ConfigError
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, ["not a run directory (it does not exist)"])
+    missing = [m for m in needs if not (path / m).is_file()]
+    if not path.is_dir() or missing:
+        raise ConfigError(path, [f"not a run directory (no {', '.join(missing) or 'files'})"])
+    return path
+
+
 def iter_jsonl(path):
     """Records of a JSON-lines file written incrementally; stops at a torn last line (a
     crash mid-write) and yields nothing for a missing file."""

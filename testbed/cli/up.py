@@ -31,10 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from .run import _override, add_scenario_arguments
+from .run import add_scenario_arguments
 from testbed.container.settings import ABORTED
-from testbed.errors import TestbedError, fmt_bytes
-from testbed.scenario import load_scenario
+from testbed.errors import ConfigError, TestbedError, fmt_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "testbed" / "container" / "build-image.sh"
@@ -55,14 +54,21 @@ class ContainerRunFailed(TestbedError):
 
 def add_up_arguments(p):
     add_scenario_arguments(p)
-    p.add_argument("--image", default=os.environ.get("TESTBED_IMAGE", "collab-testbed:latest"))
-    p.add_argument("--no-build", action="store_true", help="use the image as it is")
+    p.add_argument("--image", default=os.environ.get("TESTBED_IMAGE", "collab-testbed:latest"),
+                   help="the project image every container runs (default: $TESTBED_IMAGE or "
+                        "collab-testbed:latest); built offline with build-image.sh when missing or stale")
+    p.add_argument("--no-build", action="store_true", help="use the image as it is (fail when missing)")
     p.add_argument("--gpu", action="store_true", help="reserve a GPU per container (nvidia runtime)")
     p.add_argument("--mem-overhead", default="1GiB",
                    help="added to a party's memory budget for its container limit (default 1GiB)")
     p.add_argument("--probe-bytes", default="0", help="bandwidth probe per link at startup, e.g. 1MiB")
-    p.add_argument("--recv-timeout", type=float, default=600, help="seconds a role may wait in one Recv")
-    p.add_argument("--shaping", default="auto", choices=["auto", "tc", "sender", "off"])
+    p.add_argument("--recv-timeout", type=float, default=600,
+                   help="seconds a role may wait for one message before the run fails (default 600)")
+    p.add_argument("--shaping", default="auto", choices=["auto", "tc", "sender", "off"],
+                   help="how links are shaped: tc (kernel bandwidth shaping, needs NET_ADMIN), sender "
+                        "(bandwidth, latency, jitter and loss in the sending transport), auto (tc for "
+                        "bandwidth where the container may use it, the sender otherwise; default), off "
+                        "(unshaped)")
     p.add_argument("--keep", action="store_true", help="leave the containers and work files for debugging")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -181,12 +187,25 @@ def _finish_run_dir(run_dir, rendered, deaths):
 
 
 def main_up(args):
+    from testbed.units import parse_size
+
+    from .checks import light_problems
+    from .run import check_runs_dir, load_with_overrides
+
+    for flag, value in (("--mem-overhead", args.mem_overhead), ("--probe-bytes", args.probe_bytes)):
+        try:                                               # arguments and files first: fast answers
+            parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(flag, [str(exc)]) from None
+    sc = load_with_overrides(args.scenario, args.set)
+    check_runs_dir(args.runs)
+    problems = light_problems(sc)
+    if problems:
+        raise ConfigError(args.scenario, problems)
     from testbed.container.coordinator import parties_needed
     from testbed.container.render import render_compose, work_dirs
     from testbed.run.summary import format_summary
-    from testbed.units import parse_size
 
-    sc = load_scenario(args.scenario, _override(args.set))
     runs = Path(args.runs).resolve()
     name = args.name or f"{sc.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if (runs / name).exists():
