@@ -101,13 +101,49 @@ def main_run(args):
 
     path, summary = run_scenario(sc, runs_root=args.runs, progress=not args.no_progress,
                                  run_name=args.name)
-    report = None
+    summary["leakage"] = leakage(path)
     if not args.no_report:
         report = _write_report(path)
         if report:
             summary["report"] = str(report)
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary) + _format_tail(summary))
     return 0
+
+
+def leakage(run_path):
+    """One row per attack x observer that ran: token accuracy (in place), token-set recall
+    (for traffic without token positions, e.g. PC-MoE's expert messages) and canary recovery."""
+    rows = []
+    for f in sorted((Path(run_path) / "attacks").glob("*.json")):
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(r, dict) and r.get("status") == "ok":
+            s = r.get("scores", {})
+            rows.append({"attack": r["attack"], "observer": r["observer"], "protocol": r.get("protocol"),
+                         **{k: s.get(k) for k in ("token_accuracy", "token_set_recall", "canary_recovery")}})
+    return rows
+
+
+def _format_tail(summary):
+    """The report's path, then the leakage table: what each observer could reconstruct."""
+    lines = []
+    if summary.get("report"):
+        lines += ["", f"report: {summary['report']}"]
+    rows = summary.get("leakage") or []
+    if rows:
+        num = lambda v: "-" if v is None else f"{v:.3f}"   # noqa: E731
+        lines += ["", "leakage (attack x observer, on the captured traffic): token acc = private tokens "
+                      "recovered in place, set recall = share of a batch's distinct tokens recovered, "
+                      "canary = planted secrets recovered; - = not measurable from this traffic",
+                  f"  {'attack':<20}{'observer':<14}{'protocol':<14}{'token acc':>10}{'set recall':>12}"
+                  f"{'canary':>8}"]
+        for r in rows:
+            lines.append(f"  {r['attack']:<20}{r['observer']:<14}{r['protocol'] or '-':<14}"
+                         f"{num(r['token_accuracy']):>10}{num(r['token_set_recall']):>12}"
+                         f"{num(r['canary_recovery']):>8}")
+    return "\n".join(lines)
 
 
 def _write_report(path):
@@ -133,7 +169,8 @@ def main_validate(args):
     from .checks import check_scenario
     sc = load_with_overrides(args.scenario, args.set)
     check_scenario(sc, args.scenario, deep=not args.quick)
-    print(f"{args.scenario}: ok ({sc.protocol.name}, {sc.parties.count} parties, "
+    n = sc.parties.count
+    print(f"{args.scenario}: ok ({sc.protocol.name}, {n} part{'y' if n == 1 else 'ies'}, "
           f"{sc.training.steps} steps{', ' + str(len(sc.attacks)) + ' attacks' if sc.attacks else ''}"
           f"{'; protocol checks skipped' if args.quick else ''})")
     return 0
