@@ -170,13 +170,15 @@ def _wait(project):
 def _finish_run_dir(run_dir, rendered, deaths):
     """Beside the results: the rendered compose file; in the manifest: what killed a party."""
     shutil.copy(rendered, run_dir / "compose.rendered.yaml")
+    from testbed.rundir import testbed_identity
     manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["testbed"] = testbed_identity()   # the image has no git checkout; the host does
     if deaths:
         manifest["containers"] = {**manifest.get("containers", {}), "party_failures": deaths}
         causes = "; ".join(f"{p}: {c}" for p, c in sorted(deaths.items()))
         if manifest.get("status") != "ok":
             manifest["error"] = f"{causes} -- {manifest.get('error')}"
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     summary_path = run_dir / "summary.json"
     if summary_path.exists():   # the coordinator wrote its own path; the host's is this one
         summary = json.loads(summary_path.read_text())
