@@ -7,7 +7,6 @@
 Arguments, the run directory, attack names, observers and option keys are checked against
 :mod:`attacks.catalog` before torch is imported, so a mistake answers at once.
 """
-import argparse
 import json
 import sys
 
@@ -108,8 +107,7 @@ def _option_help():
 def build_parser():
     from .catalog import load_catalog
     names = ", ".join(load_catalog())
-    raw = argparse.RawDescriptionHelpFormatter
-    parser = Parser(prog="python -m attacks", description=DESCRIPTION, epilog=EXIT_CODES, formatter_class=raw)
+    parser = Parser(prog="python -m attacks", description=DESCRIPTION, epilog=EXIT_CODES)
     add_common_arguments(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands (python -m attacks COMMAND --help for its options)")
@@ -119,8 +117,7 @@ def build_parser():
                                    "RUN_DIR/attacks/<attack>-<observer>.json.  Without --attack every "
                                    "registered attack runs; those that do not target the run's protocol "
                                    "are listed as skipped.",
-                       epilog="attack options (KEY=default):\n" + _option_help() + "\n\n" + EXIT_CODES,
-                       formatter_class=raw)
+                       epilog="attack options (KEY=default):\n" + _option_help() + "\n\n" + EXIT_CODES)
     add_common_arguments(p, sub=True)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (runs/<scenario>-<timestamp>)")
     p.add_argument("--attack", action="append", metavar="NAME",
@@ -136,7 +133,7 @@ def build_parser():
     p = sub.add_parser("list", help="list the registered attacks: threat model, targets and options",
                        description="List the registered attacks: the observers each may play, the public "
                                    "knowledge it uses, the protocols and message kinds it targets, and "
-                                   "its options with their defaults.", epilog=EXIT_CODES, formatter_class=raw)
+                                   "its options with their defaults.", epilog=EXIT_CODES)
     add_common_arguments(p, sub=True)
     p.add_argument("--json", action="store_true", help="print the catalog as JSON")
     p.set_defaults(func=main_list)

@@ -20,8 +20,22 @@ EXIT_CODES = """exit codes:
   141  output pipe closed early (e.g. piped into head)"""
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps a one-paragraph description; keeps multi-line text (the exit-code table, lists) as
+    written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``error: <prog>: <message> (see --help)``."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -260,7 +260,7 @@ def _overrides(items):
 
 def main(argv=None):
     from testbed.console import EXIT_CODES, Parser
-    p = Parser(prog="python -m testbed.regress", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="python -m testbed.regress",
                description="Privacy regression gate: run the small CI scenarios with their attacks and "
                            "compare every score with its committed bound in the baseline file; exit 1 "
                            "with a table of what moved when any check fails.", epilog=EXIT_CODES)

@@ -132,3 +132,31 @@ def test_attack_catalog_matches_the_attack_classes():
     from attacks.catalog import build_catalog, load_catalog
     assert load_catalog() == json.loads(json.dumps(build_catalog())), \
         "attacks/catalog.json is stale: python -m attacks.catalog --write"
+
+
+def _subparsers(parser):
+    import argparse
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_command_and_option_is_described():
+    """Help that reads like a manual: every command and every option has a description."""
+    import argparse
+
+    from attacks.cli import build_parser as attacks_parser
+    from testbed.cli import COMMANDS, build_parser
+
+    missing = []
+    parsers = {"python -m testbed": build_parser()}
+    parsers.update({f"python -m testbed {name}": _subparsers(build_parser(name))[name] for name in COMMANDS})
+    parsers.update({f"python -m attacks {n}": p for n, p in _subparsers(attacks_parser()).items()})
+    for prog, parser in parsers.items():
+        if not parser.description:
+            missing.append(f"{prog}: no description")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [f"{prog} {c.dest}: no help" for c in action._choices_actions if not c.help]
+            elif not action.help:
+                missing.append(f"{prog} {'/'.join(action.option_strings) or action.dest}: no help")
+        assert "``" not in parser.format_help(), f"{prog}: RST markup in the help"
+    assert not missing, "\n".join(missing)

@@ -4,7 +4,6 @@ Start-up stays fast: only the chosen command's module is imported, and each comm
 its arguments and files before it imports torch.  The parser and error handling shared with
 the other CLIs are in :mod:`testbed.console` (re-exported here).
 """
-import argparse
 import importlib
 import os
 import sys
@@ -27,30 +26,35 @@ COMMANDS = {
     "sweep": ("testbed.cli.sweep", "run several scenarios side by side and report them together"),
 }
 
-def main(argv=None):
-    # before any command module imports torch, so its thread pool starts at this size
-    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TESTBED_THREADS", "1"))
-    parser = Parser(prog="python -m testbed", description=DESCRIPTION, epilog=EXIT_CODES,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(chosen=None):
+    """The parser, with the arguments of command ``chosen`` only (its module is imported)."""
+    parser = Parser(prog="python -m testbed", description=DESCRIPTION, epilog=EXIT_CODES)
     add_common_arguments(parser)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("TESTBED_THREADS", "1")),
+                        metavar="N",
                         help="torch intra-op threads (default 1, or $TESTBED_THREADS): the small "
                              "models of the testbed's scenarios run fastest single-threaded, and "
                              "parallel sweeps must not oversubscribe the cores")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 title="commands (python -m testbed COMMAND --help for its options)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    chosen = next((a for a in argv if a in COMMANDS), None)
     for name, (modname, help_) in COMMANDS.items():
         if importlib.util.find_spec(modname) is None:
             continue
         p = sub.add_parser(name, help=help_, description=help_[0].upper() + help_[1:] + ".",
-                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EXIT_CODES)
         add_common_arguments(p, sub=True)
         if name == chosen:  # only the chosen command's module is imported: fast start-up
             mod = importlib.import_module(modname)
             getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", lambda p: None))(p)
             p.set_defaults(func=getattr(mod, f"main_{name}", getattr(mod, "main", None)))
+    return parser
+
+
+def main(argv=None):
+    # before any command module imports torch, so its thread pool starts at this size
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TESTBED_THREADS", "1"))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: must be >= 1 (got {args.threads})")

@@ -3,7 +3,6 @@
 Default output: ``RUN_DIR/report/`` for one run, ``reports/<timestamp>/`` for several.
 Every path is checked to be a run directory before anything is read or plotted.
 """
-import argparse
 import sys
 
 from testbed.console import EXIT_CODES, Parser, add_common_arguments, run_command
@@ -30,7 +29,7 @@ def _main(args):
 
 
 def main(argv=None):
-    p = Parser(prog="python -m testbed.report", epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="python -m testbed.report", epilog=EXIT_CODES,
                description="Report one or more run directories: a self-contained report.html, "
                            "report.md and PNG plots (learning, cost, traffic, leakage). Reads the "
                            "saved artifacts only; never retrains.")
