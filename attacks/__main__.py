@@ -1,6 +1,8 @@
 """``python -m attacks``: see attacks/cli.py."""
 import sys
 
+from testbed.console import entry
+
 from .cli import main
 
-sys.exit(main())
+sys.exit(entry(main))

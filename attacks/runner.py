@@ -34,8 +34,9 @@ COLUMNS = [("rows", "rows", "{:d}"), ("token_accuracy", "tok_acc", "{:.3f}"), ("
            ("token_set_precision", "set_prec", "{:.3f}"), ("seconds", "seconds", "{:.2f}")]
 
 
-def parse_specs(specs, where="attacks"):
-    """Normalise a scenario's ``attacks:`` list to dicts; every problem raised together."""
+def parse_specs(specs, where="attacks", lookup=get_attack):
+    """Normalise a scenario's ``attacks:`` list to dicts; every problem raised together.
+    ``lookup(name)`` gives the attack (:func:`attacks.catalog.describe` checks without torch)."""
     out, problems = [], []
     for i, spec in enumerate(specs or []):
         if isinstance(spec, str):
@@ -51,7 +52,7 @@ def parse_specs(specs, where="attacks"):
             problems.append(f"{i}.options: expected a mapping (got {spec['options']!r})")
             continue
         try:
-            attack = get_attack(spec["name"])
+            attack = lookup(spec["name"])
             options = attack.resolve_options(spec.get("options"), where=f"{where}.{i}.options")
         except ValueError as exc:
             problems.append(f"{i}.name: {exc}")

@@ -21,12 +21,18 @@ MoE routers' logits can be collected per block (for the load-balancing auxiliary
 stay global.
 """
 import contextlib
+import inspect
 import sys
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+# The keyword for the KV cache in the mask builders and attention layers: ``cache`` since
+# transformers 5.x deprecated ``past_key_values`` (removal announced for 5.40); older releases
+# only know ``past_key_values``.
+CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass
@@ -51,8 +57,7 @@ def positions(model, h):
     """Position ids, rotary (cos, sin) and causal masks for hidden states ``h`` [B, T, H]."""
     cfg, dec = model.config, base(model)
     pos_ids = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
-    kw = dict(config=cfg, inputs_embeds=h, attention_mask=None, past_key_values=None,
-              position_ids=pos_ids)
+    kw = dict(config=cfg, inputs_embeds=h, attention_mask=None, position_ids=pos_ids, **{CACHE_KW: None})
     masks = {"full_attention": create_causal_mask(**kw)}
     types = set(getattr(cfg, "layer_types", None) or [])
     if "sliding_attention" in types or getattr(cfg, "sliding_window", None) and not types:

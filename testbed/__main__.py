@@ -1,3 +1,5 @@
+"""``python -m testbed``: see testbed/cli/__init__.py."""
 from .cli import main
+from .console import entry
 
-raise SystemExit(main())
+raise SystemExit(entry(main))

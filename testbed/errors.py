@@ -16,7 +16,10 @@ class ConfigError(TestbedError):
         self.path = str(path)
         self.problems = list(problems)
         lines = [f"{self.path}: {p}" for p in self.problems]
-        super().__init__(f"{len(self.problems)} problem(s) in {self.path}:\n  " + "\n  ".join(lines))
+        if len(lines) == 1:   # one problem, one line
+            super().__init__(lines[0])
+        else:
+            super().__init__(f"{len(self.problems)} problem(s) in {self.path}:\n  " + "\n  ".join(lines))
 
 
 class ProtocolError(TestbedError):

@@ -259,16 +259,20 @@ def _overrides(items):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m testbed.regress", description=__doc__.split("\n")[0])
-    p.add_argument("--baseline", default=str(DEFAULT_BASELINE), help="baseline file (default: privacy-baseline.yaml)")
+    from testbed.console import EXIT_CODES, Parser
+    p = Parser(prog="python -m testbed.regress",
+               description="Privacy regression gate: run the small CI scenarios with their attacks and "
+                           "compare every score with its committed bound in the baseline file; exit 1 "
+                           "with a table of what moved when any check fails.", epilog=EXIT_CODES)
+    p.add_argument("--baseline", metavar="FILE", default=str(DEFAULT_BASELINE), help="baseline file (default: privacy-baseline.yaml)")
     p.add_argument("--update", action="store_true", help="rewrite values and bounds from this run (with the margin)")
     p.add_argument("--only", action="append", metavar="ID", help="run only this scenario id (repeatable)")
     p.add_argument("--set", action="append", metavar="ID:KEY=VALUE",
                    help="override a key of one scenario, e.g. 'fedsgd-tiny-noised:defences=[]'")
-    p.add_argument("--runs", help="keep run directories here (default: a temporary directory, "
+    p.add_argument("--runs", metavar="DIR", help="keep run directories here (default: a temporary directory, "
                                   "kept only when a check fails)")
-    p.add_argument("--jobs", "-j", type=int, help="scenarios run at once (default: min(cores, scenarios))")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--jobs", "-j", type=int, metavar="N", help="scenarios run at once (default: min(cores, scenarios))")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details (INFO)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -304,4 +308,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from testbed.console import entry
+    sys.exit(entry(main))

@@ -4,7 +4,8 @@
 
     runs/<scenario>-<timestamp>/
       scenario.yaml      resolved scenario as run
-      manifest.json      seed, versions, host, mode, scenario hash, start/end, exit status
+      manifest.json      seed, versions, testbed {version, commit, dirty}, host, mode,
+                         scenario hash, start/end, exit status
       metrics.jsonl      one line per event
       capture/           index.jsonl + tensors/*.safetensors (see testbed.run.capture)
       public/            what every party may know: tokenizer.json, the starting checkpoint
@@ -24,6 +25,7 @@ import json
 import os
 import platform
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -46,6 +48,28 @@ def _versions():
     return out
 
 
+def git_state(root=Path(__file__).resolve().parents[1]):
+    """{"commit": HEAD's sha, "dirty": uncommitted changes to tracked or new files} of the
+    checkout at ``root``; both None when it is not a git checkout (an installed package, a
+    container image) or git is missing."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return {"commit": None, "dirty": None}
+        status = git("status", "--porcelain", "--untracked-files=normal")
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(),
+            "dirty": bool(status.stdout.strip()) if status.returncode == 0 else None}
+
+
+def testbed_identity():
+    """What produced a run: the testbed's version, git commit and whether the tree was dirty."""
+    return {"version": __version__, **git_state()}
+
+
 class RunDir:
     """Creates and writes one run directory."""
 
@@ -64,7 +88,7 @@ class RunDir:
             "mode": mode, "status": "running", "start": _now(), "end": None, "error": None,
             "host": {"hostname": socket.gethostname(), "platform": platform.platform(),
                      "cpus": os.cpu_count()},
-            "versions": _versions(), "argv": sys.argv,
+            "versions": _versions(), "testbed": testbed_identity(), "argv": sys.argv,
         }
         self._write_manifest()
         self._metrics = open(path / "metrics.jsonl", "a", buffering=1)
@@ -132,6 +156,22 @@ def canary_hits(rows, canaries):
                 if row[s] == pat[0] and row[s:s + n] == pat:
                     out.append({"row": r, "canary": c["id"], "start": s, "end": s + n})
     return out
+
+
+RUN_MARKERS = ("scenario.yaml", "manifest.json", "metrics.jsonl")
+
+
+def check_run_dir(path, needs=RUN_MARKERS[:1]):
+    """``path`` as a Path when it is a run directory holding every file of ``needs``; else a
+    one-line ConfigError naming it ("not a run directory (...)")."""
+    from .errors import ConfigError
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(path, ["not a run directory (it does not exist)"])
+    missing = [m for m in needs if not (path / m).is_file()]
+    if not path.is_dir() or missing:
+        raise ConfigError(path, [f"not a run directory (no {', '.join(missing) or 'files'})"])
+    return path
 
 
 def iter_jsonl(path):

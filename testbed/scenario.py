@@ -278,7 +278,8 @@ def _describe(err):
         msg = f"must be one of {ctx.get('expected')}"
     else:
         msg = err["msg"].removeprefix("Value error, ")
-    return f"{msg} (got {err['input']!r})" if "input" in err else msg
+    # validators that name the value themselves (e.g. parse_size) are not repeated
+    return f"{msg} (got {err['input']!r})" if "input" in err and "(got " not in msg else msg
 
 
 def _get(data, dotted, default=None):
@@ -357,7 +358,7 @@ def read_yaml(path):
     except FileNotFoundError:
         raise ConfigError(path, ["file not found"]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(path, [f"not valid YAML: {exc}"]) from None
+        raise ConfigError(path, [f"not valid YAML: {' '.join(str(exc).split())}"]) from None
 
 
 def load_scenario(path, overrides=None):

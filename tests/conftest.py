@@ -1,4 +1,17 @@
-"""Shared fixtures: tiny scenarios that run in seconds on a CPU."""
+"""Shared fixtures: tiny scenarios that run in seconds on a CPU, and the Docker gate.
+
+Tests marked ``docker`` build an image and start containers on the host's Docker daemon.  They
+run only when asked -- ``CI=true`` or ``TESTBED_DOCKER_TESTS=1`` -- and are skipped with that
+reason otherwise, so a plain ``python -m pytest`` never runs a ``docker`` command.  When they run,
+everything they create is private to the test session: the image tag
+(``collab-testbed:test-<id>``, removed at the end; or ``$TESTBED_IMAGE``, kept), the build logs
+(in the session's temporary directory) and the prune filter (that tag's label).  Nothing in the
+test suite installs system packages: the image build runs with ``INSTALL_MISSING=0``.
+"""
+import os
+import secrets
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -42,3 +55,74 @@ def run_tiny(tmp_path):
         return run_scenario(sc, runs_root=tmp_path / "runs", base_dir=ROOT,
                             cache_dir=tmp_path / "cache", progress=False)
     return _run
+
+
+# -- Docker: opt-in, session-private ------------------------------------------------------------
+SESSION_ID = secrets.token_hex(4)   # names this session's image, compose projects and runs
+DOCKER_SKIP_REASON = ("Docker tests run only with CI=true or TESTBED_DOCKER_TESTS=1 "
+                      "(they build an image and start containers on the host's daemon)")
+
+
+def docker_tests_enabled(env=os.environ):
+    """True when the Docker tests were asked for: ``CI=true`` or ``TESTBED_DOCKER_TESTS=1``."""
+    return env.get("CI", "").lower() == "true" or env.get("TESTBED_DOCKER_TESTS", "") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    if docker_tests_enabled():
+        return
+    skip = pytest.mark.skip(reason=DOCKER_SKIP_REASON)
+    for item in items:
+        if "docker" in item.keywords:
+            item.add_marker(skip)
+
+
+def no_docker(reason):
+    """Skip (or, under CI=true, fail) a Docker test whose daemon or client is missing."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI=true but {reason} (run testbed/container/install-docker.sh)")
+    pytest.skip(f"{reason}; run testbed/container/install-docker.sh to enable the container tests")
+
+
+def _docker(*args, timeout=300):
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def docker_cli():
+    """A docker client with Compose v2 on PATH (skips / fails without)."""
+    if shutil.which("docker") is None or _docker("compose", "version", timeout=60).returncode != 0:
+        no_docker("no docker client with Compose v2 on PATH")
+
+
+@pytest.fixture(scope="session")
+def docker_daemon(docker_cli):
+    """A Docker daemon that answers (skips / fails without)."""
+    try:
+        info = _docker("info", "--format", "{{.ServerVersion}}", timeout=30)
+    except subprocess.TimeoutExpired:
+        no_docker("`docker info` timed out")
+    if info.returncode != 0 or not info.stdout.strip():
+        detail = ((info.stderr or info.stdout).strip().splitlines() or ["no output"])[-1]
+        no_docker(f"no Docker daemon reachable: {detail}")
+
+
+@pytest.fixture(scope="session")
+def image(docker_daemon, tmp_path_factory):
+    """The project image, current with the sources: ``$TESTBED_IMAGE`` (kept) or a tag of this
+    test session's own, built by build-image.sh (from the build cache when the inputs are
+    unchanged) and removed when the session ends."""
+    given = os.environ.get("TESTBED_IMAGE")
+    tag = given or f"collab-testbed:test-{SESSION_ID}"
+    logs = tmp_path_factory.mktemp("docker-build-logs")
+    env = {**os.environ, "IMAGE": tag, "LOG_DIR": str(logs), "INSTALL_MISSING": "0", "PRUNE_DEPS": "0"}
+    timeout = int(os.environ.get("TESTBED_IMAGE_BUILD_TIMEOUT", "3600"))
+    try:
+        build = subprocess.run(["bash", str(ROOT / "testbed/container/build-image.sh")], cwd=ROOT, text=True,
+                               capture_output=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"build-image.sh did not finish within {timeout}s (logs: {logs})")
+    assert build.returncode == 0, f"build-image.sh failed (logs: {logs}):\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
+    yield tag
+    if not given:
+        _docker("image", "rm", "-f", tag, timeout=120)

@@ -10,12 +10,12 @@
 * a party container over its memory limit is reported as OOM-killed, naming the party.
 
 Needs a Docker daemon and the project image (built here with build-image.sh when it is out of
-date).  Without a daemon the Docker tests are skipped, except under ``CI=true``.
+date).  The Docker tests run only with ``CI=true`` or ``TESTBED_DOCKER_TESTS=1`` (tests/conftest.py);
+their image, compose projects and logs are private to the test session.
 """
 import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,40 +27,11 @@ from testbed.rundir import read_metrics
 from testbed.scenario import load_scenario
 from testbed.units import parse_size
 
+from conftest import SESSION_ID
+
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE = os.environ.get("TESTBED_IMAGE", "collab-testbed:latest")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 SHAPED = ["--set", "parties.link={up_mbps: 20, down_mbps: 100, latency_ms: 50}",
           "--set", "coordinator.link={up_mbps: 1000, down_mbps: 1000, latency_ms: 0}"]
-
-
-def _no_docker(reason):
-    if IN_CI:
-        pytest.fail(f"CI=true but {reason} (run testbed/container/install-docker.sh)")
-    pytest.skip(f"{reason}; run testbed/container/install-docker.sh to enable the container tests")
-
-
-@pytest.fixture(scope="module")
-def docker_cli():
-    if shutil.which("docker") is None or subprocess.run(["docker", "compose", "version"],
-                                                        capture_output=True).returncode != 0:
-        _no_docker("no docker client with Compose v2 on PATH")
-
-
-@pytest.fixture(scope="module")
-def image(docker_cli):
-    try:
-        info = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True,
-                              text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        _no_docker("`docker info` timed out")
-    if info.returncode != 0 or not info.stdout.strip():
-        _no_docker("no Docker daemon reachable")
-    # quick when the image is current; rebuilds the project layer when the sources changed
-    build = subprocess.run(["bash", str(ROOT / "testbed/container/build-image.sh")], cwd=ROOT, text=True,
-                           capture_output=True, env={**os.environ, "IMAGE": IMAGE}, timeout=3600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return IMAGE
 
 
 # -- the rendered file ---------------------------------------------------------------------------
@@ -182,12 +153,12 @@ def test_pcmoe_tiny_under_up_matches_embedded_and_shapes_its_links(image, tmp_pa
             "coordinator": {"link": {"up_mbps": 1000, "down_mbps": 1000, "latency_ms": 0}}}
     embedded = _embedded(tmp_path, "scenarios/pcmoe-tiny.yaml", sets)
     r = subprocess.run([sys.executable, "-m", "testbed", "up", "scenarios/pcmoe-tiny.yaml", "--runs",
-                        str(tmp_path / "runs"), "--name", "pcmoe", "--no-build", "--image", image,
+                        str(tmp_path / "runs"), "--name", f"pcmoe-{SESSION_ID}", "--no-build", "--image", image,
                         "--probe-bytes", "2MiB", *SHAPED], cwd=ROOT, capture_output=True, text=True,
                        timeout=1500)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "[pcmoe] party-0 step 1/6 loss" in r.stdout and "mean eval loss" in r.stdout
-    run = tmp_path / "runs" / "pcmoe"
+    run = tmp_path / "runs" / f"pcmoe-{SESSION_ID}"
     _same_run(embedded, run)
     assert not (tmp_path / "runs" / ".work").exists()
     assert yaml.safe_load((run / "compose.rendered.yaml").read_text())["networks"]["testbed"]["internal"]
@@ -205,7 +176,7 @@ def test_pcmoe_tiny_under_up_matches_embedded_and_shapes_its_links(image, tmp_pa
 @pytest.mark.slow
 def test_privatelora_tiny_under_plain_compose_matches_embedded(image, tmp_path):
     embedded = _embedded(tmp_path, "scenarios/privatelora-tiny.yaml")
-    project = f"testbed-test-{secrets.token_hex(3)}"
+    project = f"testbed-test-{SESSION_ID}-{secrets.token_hex(2)}"
     env = {**os.environ, "SCENARIO": "scenarios/privatelora-tiny.yaml", "PARTIES": "1",
            "RESULTS": str(tmp_path / "runs"), "RUN_NAME": "plora", "TESTBED_IMAGE": image}
     env.pop("RUN_SECRET", None)
@@ -227,13 +198,13 @@ def test_privatelora_tiny_under_plain_compose_matches_embedded(image, tmp_path):
 @pytest.mark.slow
 def test_a_party_over_its_container_memory_limit_is_reported_oom_killed(image, tmp_path):
     r = subprocess.run([sys.executable, "-m", "testbed", "up", "scenarios/pcmoe-tiny.yaml", "--runs",
-                        str(tmp_path / "runs"), "--name", "oom", "--no-build", "--image", image,
+                        str(tmp_path / "runs"), "--name", f"oom-{SESSION_ID}", "--no-build", "--image", image,
                         "--mem-overhead", "0", "--set", "parties.overrides={1: {memory_budget: 48MiB}}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode != 0, r.stdout[-3000:]
     assert "party-1: container OOM-killed (memory limit 48.00 MiB)" in r.stderr, r.stdout[-3000:] + r.stderr
-    manifest = json.loads((tmp_path / "runs" / "oom" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "runs" / f"oom-{SESSION_ID}" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and "party-1: container OOM-killed" in manifest["error"]
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", "label=com.docker.compose.project=testbed-oom"],
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project=testbed-oom-{SESSION_ID}"],
                           capture_output=True, text=True)
     assert left.stdout.strip() == ""   # torn down after the failure too

@@ -10,8 +10,8 @@ and step), the same ground truth, the same wire bytes, message counts and peak m
 role in the summary; and each party ran in its own container under its memory limit.
 
 Needs a Docker daemon and the project image (built with build-image.sh when out of date).
-Without a daemon the tests are skipped, except under ``CI=true`` -- as in tests/test_compose.py,
-whose fixtures and helpers are reused here.
+They run only with ``CI=true`` or ``TESTBED_DOCKER_TESTS=1`` (the Docker fixtures are in
+tests/conftest.py); the helpers are tests/test_compose.py's.
 """
 import json
 import subprocess
@@ -25,8 +25,9 @@ from testbed.cli.run import _override
 from testbed.rundir import read_metrics
 from testbed.units import parse_size
 
-# the Docker fixtures (skip / fail without a daemon, image current) and the run-directory checks
-from test_compose import ROOT, _capture, _embedded, _same_run, docker_cli, image  # noqa: F401
+# the run-directory checks (the Docker fixtures are tests/conftest.py's)
+from conftest import SESSION_ID
+from test_compose import ROOT, _capture, _embedded, _same_run
 
 SHORT = ["training.steps=3", "training.eval_batches=1"]
 MEM_OVERHEAD = "512MiB"
@@ -104,7 +105,8 @@ def _both(image, tmp_path, scenario, name, sets):
 def test_fedavg_4party_under_up_matches_embedded(image, tmp_path):
     """The coordinator role averages in the coordinator's container; 4 parties train in theirs;
     the baselines (centralized on the pooled data, local in the party containers) run too."""
-    embedded, run, stdout, seconds = _both(image, tmp_path, "scenarios/fedavg-4party.yaml", "fedavg", SHORT)
+    embedded, run, stdout, seconds = _both(image, tmp_path, "scenarios/fedavg-4party.yaml",
+                                                 f"fedavg-{SESSION_ID}", SHORT)
     summary, losses = _check(embedded, run, stdout, "fedavg", {"coordinator"})
     assert _links(run) == {link for i in range(4) for link in (
         ("round", "coordinator", f"party-{i}"), ("delta", f"party-{i}", "coordinator"),
@@ -118,7 +120,7 @@ def test_fedavg_4party_under_up_matches_embedded(image, tmp_path):
 @pytest.mark.slow
 def test_split_4party_under_up_matches_embedded(image, tmp_path):
     """The server role (blocks 1.., the LM head) runs in the coordinator's container."""
-    embedded, run, stdout, seconds = _both(image, tmp_path, "scenarios/split-4party.yaml", "split",
+    embedded, run, stdout, seconds = _both(image, tmp_path, "scenarios/split-4party.yaml", f"split-{SESSION_ID}",
                                            [*SHORT, "baselines=[]"])
     summary, losses = _check(embedded, run, stdout, "split", {"server"})
     assert _links(run) == {link for i in range(4) for up, down in (("act", "grad"), ("eval_act", "eval_out"))

@@ -27,10 +27,12 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 LLAMA = {"family": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
          "intermediate_size": 48}
-# The quickstart scenario, shrunk to seconds: same protocols, parties and split.
+# The quickstart scenario, shrunk to seconds: same protocols, parties, split and attacks.
 QUICK = {"model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 48, "num_experts": 4},
          "data": {"records": 48, "tokenizer": {"vocab_size": 300}, "canaries": {"count": 2}},
-         "training": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_batches": 1}}
+         "training": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_batches": 1},
+         "attacks": [{"name": "embedding-nn", "options": {"steps": [0, 3]}},
+                     {"name": "routing-trace", "options": {"steps": [0, 3]}}]}
 
 
 def _run(sc, root):
@@ -40,7 +42,7 @@ def _run(sc, root):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    """scenarios/quickstart.yaml (local + centralized, 4 parties), shrunk."""
+    """scenarios/quickstart.yaml (PC-MoE + centralized + local, 4 parties, its attacks), shrunk."""
     return _run(load_scenario(ROOT / "scenarios" / "quickstart.yaml", QUICK), tmp_path_factory.mktemp("quick"))
 
 
@@ -159,9 +161,9 @@ def test_comparison_of_two_runs_labels_them_and_lists_differences(quick_run, fed
     assert "Comparison of 2 runs" in html
     # scenario names differ (quickstart, tiny): they label the series
     assert "quickstart:local" in html and "quickstart:centralized" in html and "tiny:fedsgd" in html
-    assert "quickstart: attacks not run (attacks directory is empty)" in html
+    assert "quickstart:pcmoe" in html and "routing-trace" in html and "embedding-nn" in html
     diff = html.split("Keys whose values differ")[1].split("</table>")[0]
-    assert "<td>protocol.name</td><td>local</td><td>fedsgd</td>" in diff
+    assert "<td>protocol.name</td><td>pcmoe</td><td>fedsgd</td>" in diff
     assert '<td>seed</td><td class="num">0</td><td class="num">3</td>' in diff
     assert "<td>training.seq_len</td>" not in diff  # equal in both: only in the full table
     assert yaml.safe_load((quick_run / "scenario.yaml").read_text())["training"]["seq_len"] == 16
@@ -211,6 +213,9 @@ def test_quickstart_report_renders_in_headless_chromium(quick_run, tmp_path):
     dom = _chromium(browser, tmp_path / "profile-2", "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     imgs = re.findall(r"<img[^>]*>", dom.stdout)
-    assert len(imgs) == len(list(out.glob("*.png"))) == 3
+    assert len(imgs) == len(list(out.glob("*.png"))) >= 3
     assert all('src="data:image/png;base64,' in tag for tag in imgs)
     assert "quickstart" in dom.stdout and "party-3" in dom.stdout
+    # the default run's attack table, as the browser shows it
+    attacks = dom.stdout.split("Privacy: attacks")[1]
+    assert "embedding-nn" in attacks and "routing-trace" in attacks and "party-1" in attacks

@@ -41,6 +41,7 @@ from testbed.engine.effects import Recv, Send
 from testbed.errors import ProtocolError
 
 from parties.base import party_name
+from parties.layers import CACHE_KW
 from .sharding import host_of, route
 from .host import BWD, EVAL_FWD, EVAL_OUT, FWD, GRAD_IN, OUT, expert_meta
 
@@ -66,8 +67,8 @@ class Pass:
 def layer_masks(model, embeds, position_ids):
     """The attention mask of each decoder layer, as the model's own forward builds them."""
     cfg, n = model.config, len(model.model.layers)
-    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, cache=None,
-              position_ids=position_ids)
+    kw = dict(config=cfg, inputs_embeds=embeds, attention_mask=None, position_ids=position_ids,
+              **{CACHE_KW: None})
     types = getattr(cfg, "layer_types", None)
     if types:
         masks = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)

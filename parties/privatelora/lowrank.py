@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from parties.layers import CACHE_KW
+
 PROJECTIONS = ("q", "k", "v")
 
 
@@ -108,7 +110,7 @@ class CloudStack(nn.Module):
         pos = torch.arange(start, start + h0.shape[1], device=h0.device).unsqueeze(0)
         pe = self.rotary(h0, pos)
         mask = create_causal_mask(config=self.config, inputs_embeds=h0, attention_mask=None,
-                                  past_key_values=cache, position_ids=pos)
+                                  position_ids=pos, **{CACHE_KW: cache})
         return pe, mask
 
     def down(self, layer, h_in):
@@ -125,7 +127,7 @@ class CloudStack(nn.Module):
             self.proj(layer, p).incoming = incoming[p]
         pe, mask = ctx
         attn, _ = blk.self_attn(hidden_states=x, position_embeddings=pe, attention_mask=mask,
-                                past_key_values=cache)
+                                **{CACHE_KW: cache})
         h = h_in + attn
         return h + blk.mlp(blk.post_attention_layernorm(h))
 

@@ -37,23 +37,27 @@ def _names(paths, stamp):
 
 
 def add_sweep_arguments(p):
-    p.add_argument("scenarios", nargs="+", help="scenario YAML files")
-    p.add_argument("--runs", default="runs", help="where run directories go (default: runs/)")
-    p.add_argument("--jobs", "-j", type=int, help="scenarios run at once (default: min(cores, scenarios))")
+    p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help="scenario YAML files")
+    p.add_argument("--runs", default="runs", metavar="DIR", help="where run directories go (default: runs/)")
+    p.add_argument("--jobs", "-j", type=int, metavar="N", help="scenarios run at once (default: min(cores, scenarios))")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a key in every scenario, e.g. --set training.steps=10 (repeatable)")
-    p.add_argument("-o", "--out", help="report directory (default: reports/<timestamp>, or "
+    p.add_argument("-o", "--out", metavar="DIR", help="report directory (default: reports/<timestamp>, or "
                                        "RUN/report for a single scenario)")
     p.add_argument("--no-report", action="store_true", help="run only, write no report")
     p.add_argument("--seeds", metavar="LIST",
                    help="run every scenario over these seeds, e.g. 0,1,2 (mean ± 95%% CI per protocol)")
-    p.add_argument("--timeout", type=float, help="seconds before a scenario is stopped and failed")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds before a scenario is stopped and failed")
 
 
 def main_sweep(args):
+    from testbed.errors import ConfigError
+
+    from .run import _override, check_runs_dir
     if args.jobs is not None and args.jobs < 1:
-        from testbed.errors import ConfigError
         raise ConfigError("--jobs", [f"must be >= 1 (got {args.jobs})"])
+    check_runs_dir(args.runs)
+    _override(args.set)    # a malformed --set is everyone's problem; a bad scenario fails alone
     stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     if args.seeds:
         from testbed.run.seeds import parse_seeds

@@ -27,6 +27,7 @@ SWEEPS = {
     "bandwidth": [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000],   # Mbit/s, both directions
     "latency": [0, 0.01, 0.1, 0.3, 1, 2, 5, 10, 20, 50, 100],        # ms one way, device link
 }
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32"}   # one spelling across commands, old one accepted
 LABELS = {"device_only": "device only", "cloud_only": "cloud only", "privatelora": "PrivateLoRA",
           "full_hidden": "full-hidden split"}
 MEMORY_PARTS = ("embedding", "lm_head", "M", "A_B", "decoder", "kv_cache")
@@ -34,17 +35,23 @@ MEMORY_PARTS = ("embedding", "lm_head", "M", "A_B", "decoder", "kv_cache")
 
 def add_throughput_arguments(p):
     p.add_argument("--model", default="llama-2-7b", help=f"one of: {', '.join(MODELS)}")
-    p.add_argument("--device", default="phone", help="device profile (testbed/engine/devices.py)")
-    p.add_argument("--cloud", default="a100", help="cloud profile (testbed/engine/devices.py)")
-    p.add_argument("--link", default="5g", help="the device's link profile (testbed/engine/links.py)")
-    p.add_argument("--cloud-link", default="datacenter", help="the cloud's link profile")
-    p.add_argument("--latency-ms", type=float, help="override the device link's one-way latency (ms)")
-    p.add_argument("--jitter-ms", type=float, help="override the device link's jitter std (ms)")
+    p.add_argument("--device", default="phone",
+                   help=f"the device's hardware profile (default phone); valid: {', '.join(devices.PROFILES)}")
+    p.add_argument("--cloud", default="a100",
+                   help=f"the cloud's hardware profile (default a100); valid: {', '.join(devices.PROFILES)}")
+    p.add_argument("--link", default="5g",
+                   help=f"the device's link profile (default 5g); valid: {', '.join(links.PROFILES)}")
+    p.add_argument("--cloud-link", default="datacenter",
+                   help=f"the cloud's link profile (default datacenter); valid: {', '.join(links.PROFILES)}")
     p.add_argument("--rank", type=int, default=64, help="PrivateLoRA rank r (both directions)")
     p.add_argument("--r-d2c", type=int, help="device->cloud rank if different from --rank")
     p.add_argument("--prompt", type=int, default=512, help="prompt length P (prefill; decode context)")
+    p.add_argument("--dtype", type=lambda v: DTYPE_ALIASES.get(v, v), choices=["bfloat16", "float32"],
+                   default="bfloat16", help="precision of weights, KV cache and wire tensors: bfloat16 "
+                                            "(default) or float32 (bf16 and fp32 are accepted too)")
+    p.add_argument("--latency-ms", type=float, help="override the device link's one-way latency (ms)")
+    p.add_argument("--jitter-ms", type=float, help="override the device link's jitter std (ms)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="weights, KV and wire")
     p.add_argument("--device-bits", type=int, choices=[4, 8, 16],
                    help="weight bits of the device-only baseline (default: --dtype)")
     p.add_argument("--cloud-tps", type=float,
@@ -167,7 +174,7 @@ def _break_even_line(be, bits):
 
 def main_throughput(args):
     setup = _setup(args)
-    shapes = Shapes.from_config(llama_config(args.model), 2 if args.dtype == "bf16" else 4)
+    shapes = Shapes.from_config(llama_config(args.model), 2 if args.dtype == "bfloat16" else 4)
     kw = _kwargs(args)
     if args.sweep:
         return _sweep(args, shapes, setup, kw)

@@ -39,10 +39,9 @@ from pathlib import Path
 
 import yaml
 
-from .run import _override, add_scenario_arguments
+from .run import add_scenario_arguments
 from testbed.container.settings import ABORTED
-from testbed.errors import TestbedError, fmt_bytes
-from testbed.scenario import load_scenario
+from testbed.errors import ConfigError, TestbedError, fmt_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "testbed" / "container" / "build-image.sh"
@@ -63,14 +62,21 @@ class ContainerRunFailed(TestbedError):
 
 def add_up_arguments(p):
     add_scenario_arguments(p)
-    p.add_argument("--image", default=os.environ.get("TESTBED_IMAGE", "collab-testbed:latest"))
-    p.add_argument("--no-build", action="store_true", help="use the image as it is")
+    p.add_argument("--image", default=os.environ.get("TESTBED_IMAGE", "collab-testbed:latest"),
+                   help="the project image every container runs (default: $TESTBED_IMAGE or "
+                        "collab-testbed:latest); built offline with build-image.sh when missing or stale")
+    p.add_argument("--no-build", action="store_true", help="use the image as it is (fail when missing)")
     p.add_argument("--gpu", action="store_true", help="reserve a GPU per container (nvidia runtime)")
     p.add_argument("--mem-overhead", default="1GiB",
                    help="added to a party's memory budget for its container limit (default 1GiB)")
     p.add_argument("--probe-bytes", default="0", help="bandwidth probe per link at startup, e.g. 1MiB")
-    p.add_argument("--recv-timeout", type=float, default=600, help="seconds a role may wait in one Recv")
-    p.add_argument("--shaping", default="auto", choices=["auto", "tc", "sender", "off"])
+    p.add_argument("--recv-timeout", type=float, default=600,
+                   help="seconds a role may wait for one message before the run fails (default 600)")
+    p.add_argument("--shaping", default="auto", choices=["auto", "tc", "sender", "off"],
+                   help="how links are shaped: tc (kernel bandwidth shaping, needs NET_ADMIN), sender "
+                        "(bandwidth, latency, jitter and loss in the sending transport), auto (tc for "
+                        "bandwidth where the container may use it, the sender otherwise; default), off "
+                        "(unshaped)")
     p.add_argument("--party-memory", default="4GiB",
                    help="memory limit of a party container whose scenario sets no memory_budget")
     p.add_argument("--coordinator-memory", default="6GiB", help="memory limit of the coordinator container")
@@ -186,18 +192,20 @@ def _finish_run_dir(run_dir, rendered, deaths, scenario, parts, code):
     A run whose coordinator died before finishing it is merged here, from the parts."""
     from testbed.container.merge import recover_run
     shutil.copy(rendered, run_dir / "compose.rendered.yaml")
+    from testbed.rundir import testbed_identity
     manifest = json.loads((run_dir / "manifest.json").read_text())
     if manifest.get("status") == "running":
         cause = deaths.get("coordinator") or f"exited with code {code} before finishing the run"
         _step(f"the coordinator died ({cause}); merging the parts here")
         manifest = recover_run(run_dir, parts, scenario, f"coordinator: {cause}")
     deaths = {p: c for p, c in deaths.items() if p != "coordinator"}
+    manifest["testbed"] = testbed_identity()   # the image has no git checkout; the host does
     if deaths:
         manifest["containers"] = {**manifest.get("containers", {}), "party_failures": deaths}
         causes = "; ".join(f"{p}: {c}" for p, c in sorted(deaths.items()))
         if manifest.get("status") != "ok" and not manifest.get("error", "").startswith(causes):
             manifest["error"] = f"{causes} -- {manifest.get('error')}"
-        (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     summary_path = run_dir / "summary.json"
     if summary_path.exists():   # the coordinator wrote its own path; the host's is this one
         summary = json.loads(summary_path.read_text())
@@ -208,13 +216,26 @@ def _finish_run_dir(run_dir, rendered, deaths, scenario, parts, code):
 
 
 def main_up(args):
+    from testbed.units import parse_size
+
+    from .checks import light_problems
+    from .run import check_runs_dir, load_with_overrides
+
+    for flag, value in (("--mem-overhead", args.mem_overhead), ("--probe-bytes", args.probe_bytes)):
+        try:                                               # arguments and files first: fast answers
+            parse_size(value)
+        except ValueError as exc:
+            raise ConfigError(flag, [str(exc)]) from None
+    sc = load_with_overrides(args.scenario, args.set)
+    check_runs_dir(args.runs)
+    problems = light_problems(sc)
+    if problems:
+        raise ConfigError(args.scenario, problems)
     from testbed.container.coordinator import parties_needed
     from testbed.container.credentials import ensure_credentials
     from testbed.container.render import UNPRIVILEGED, render_compose, work_dirs
     from testbed.run.summary import format_summary
-    from testbed.units import parse_size
 
-    sc = load_scenario(args.scenario, _override(args.set))
     runs = Path(args.runs).resolve()
     name = args.name or f"{sc.name}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     if (runs / name).exists():

@@ -25,6 +25,9 @@
 #                         where the CPU wheel is not on the host's find-links/indexes, point pip at the
 #                         PyTorch CPU wheel index with PIP_EXTRA_INDEX_URL.
 #   FORCE=1               same as --force
+#   LOG_DIR=/tmp          where the debootstrap and docker-build logs go
+#   INSTALL_MISSING=1     0: never install system packages (Docker, debootstrap); fail instead
+#   PRUNE_DEPS=1          0: leave superseded dependency-stage images alone (they are shared build cache)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -38,6 +41,9 @@ TORCH_VARIANT=${TORCH_VARIANT-cpu}
 WHEELHOUSE=.cache/wheelhouse
 BASE_PACKAGES=python3,python3-venv,python3-pip,ca-certificates,iproute2
 FORCE=${FORCE:-0}
+LOG_DIR=${LOG_DIR:-/tmp}
+INSTALL_MISSING=${INSTALL_MISSING:-1}
+PRUNE_DEPS=${PRUNE_DEPS:-1}
 for a in "$@"; do
     case "$a" in
         --force) FORCE=1 ;;
@@ -56,6 +62,7 @@ SUDO=""
 
 # ---------------------------------------------------------------- docker daemon
 if ! timeout 15 docker info >/dev/null 2>&1; then
+    [ "$INSTALL_MISSING" = 1 ] || die "no Docker daemon answers (INSTALL_MISSING=0: not installing one)"
     log "no Docker daemon answers; running install-docker.sh"
     "$ROOT/testbed/container/install-docker.sh"
 fi
@@ -97,6 +104,7 @@ if docker image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     phase_done base "$T" "$BASE_IMAGE exists"
 else
     if ! command -v debootstrap >/dev/null 2>&1; then
+        [ "$INSTALL_MISSING" = 1 ] || die "debootstrap is missing (INSTALL_MISSING=0: not installing it)"
         log "installing debootstrap"
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends debootstrap >/dev/null 2>&1 || {
             $SUDO apt-get update -qq
@@ -117,7 +125,7 @@ else
     log "debootstrap $SUITE minbase from $MIRROR into $ROOTFS"
     TD=$(date +%s)
     $SUDO debootstrap --variant=minbase --include="$BASE_PACKAGES" "$SUITE" "$ROOTFS" "$MIRROR" \
-        > /tmp/testbed-debootstrap.log 2>&1 || { tail -n 40 /tmp/testbed-debootstrap.log >&2; die "debootstrap failed (log: /tmp/testbed-debootstrap.log)"; }
+        > $LOG_DIR/testbed-debootstrap.log 2>&1 || { tail -n 40 $LOG_DIR/testbed-debootstrap.log >&2; die "debootstrap failed (log: $LOG_DIR/testbed-debootstrap.log)"; }
     log "debootstrap took $(( $(date +%s) - TD ))s"
     # apt sources inside the image: the same mirror the host uses
     {
@@ -238,12 +246,16 @@ else
     docker build --build-arg BASE="$BASE_IMAGE" \
         --label "org.testbed.inputs-sha256=$INPUTS_SHA" \
         --label "org.testbed.pyproject-sha256=$PYPROJECT_SHA" \
-        -t "$IMAGE" . > /tmp/testbed-docker-build.log 2>&1 \
-        || { tail -n 40 /tmp/testbed-docker-build.log >&2; die "docker build failed (log: /tmp/testbed-docker-build.log)"; }
-    # drop superseded images: old project images, and dependency stages (kept as build cache) except the newest
-    docker image prune -f --filter "label=org.testbed.inputs-sha256" >/dev/null 2>&1 || true
-    docker images -q --filter dangling=true --filter label=org.testbed.stage=deps | tail -n +2 \
-        | xargs -r docker rmi >/dev/null 2>&1 || true
+        --label "org.testbed.image=$IMAGE" \
+        -t "$IMAGE" . > $LOG_DIR/testbed-docker-build.log 2>&1 \
+        || { tail -n 40 $LOG_DIR/testbed-docker-build.log >&2; die "docker build failed (log: $LOG_DIR/testbed-docker-build.log)"; }
+    # drop superseded images: this tag's old project images, and dependency stages (kept as build cache)
+    # except the newest
+    docker image prune -f --filter "label=org.testbed.image=$IMAGE" >/dev/null 2>&1 || true
+    if [ "$PRUNE_DEPS" = 1 ]; then
+        docker images -q --filter dangling=true --filter label=org.testbed.stage=deps | tail -n +2 \
+            | xargs -r docker rmi >/dev/null 2>&1 || true
+    fi
     phase_done image "$T" "$IMAGE built ($(docker image inspect -f '{{.Size}}' "$IMAGE" | awk '{printf "%.2f GB", $1/1e9}'))"
 fi
 printf '[build-image] total      %4ds\n' "$(( $(date +%s) - T_ALL ))"

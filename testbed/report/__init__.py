@@ -13,7 +13,15 @@ Modules: ``load`` (artifacts -> data), ``series`` (derived numbers, labels, colo
 ``sections`` / ``privacy`` / ``extras`` (the document's sections), ``plots`` (PNGs),
 ``doc`` (document model), ``html`` and ``markdown`` (renderers), ``build`` (all of it).
 """
-from .build import build_report, default_out_dir
 from .load import load_run, load_runs
 
 __all__ = ["build_report", "default_out_dir", "load_run", "load_runs"]
+
+
+def __getattr__(name):
+    # the builder imports matplotlib (a second or more): only when a report is written, so that
+    # ``python -m testbed.report`` checks its arguments first
+    if name in ("build_report", "default_out_dir"):
+        from . import build
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -93,7 +93,7 @@ def run_job(job, runs_root, threads=None, timeout=None, cwd=None):
     """Run one job in a subprocess (in ``cwd``, default the current directory); never
     raises for a failing scenario."""
     cmd = [sys.executable, "-m", "testbed", "run", str(job.scenario), "--runs", str(runs_root),
-           "--json", "--no-progress"]
+           "--json", "--no-progress", "--no-report"]
     if job.name:
         cmd += ["--name", job.name]
     if job.seeds:
