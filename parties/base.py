@@ -147,10 +147,16 @@ def pooled_sampler(ctx, gen):
     """-> sample(): the next batch of an epoch stream (without replacement, drawn with
     ``gen``) over every party's training rows pooled (a site that holds all the data:
     centralized training, pooled LoRA)."""
+    from parties.data.canaries import CanaryRows
     from parties.data.dataset import EpochSampler
     sampler = EpochSampler(torch.cat([p.train for p in ctx.parties]), gen)
     size = ctx.training.batch_size
-    return lambda: sampler(size)
+    planted = [p.planted.rows for p in ctx.parties if getattr(p, "planted", None) is not None]
+    if not planted:
+        return lambda: sampler(size)
+    # the site holds every party's text, canaries included: they open its first batches too
+    rows = CanaryRows(torch.cat(planted), size)
+    return lambda: rows.apply(sampler(size), gen)
 
 
 def single_site_loop(ctx, role, model, opt, sample, eval_parties=None, truth_party=None,

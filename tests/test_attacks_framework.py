@@ -211,7 +211,7 @@ def test_scorer_set_metrics(scored_run):
 
 
 def test_reconstruction_rejects_bad_kind():
-    with pytest.raises(ValueError, match="expected 'sequence' or 'set'"):
+    with pytest.raises(ValueError, match="expected one of sequence, set, routed"):
         Reconstruction("p", "party-0", 0, [1], kind="bag")
 
 

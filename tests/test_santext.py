@@ -66,4 +66,5 @@ def test_a_run_privatizes_training_text_and_keeps_the_truth(run_tiny):
     sc = tiny_scenario(model={"family": "llama"}, protocol={"name": "fedsgd"})
     data = prepare_data(sc, path.parent.parent, None)
     rows = {tuple(r.tolist()) for p in data.parties for r in p.train}
+    rows |= {tuple(r.tolist()) for p in data.parties if p.planted is not None for r in p.planted.rows}
     assert truth and all(tuple(row) in rows for t in truth for row in t["input_ids"])

@@ -67,6 +67,7 @@ class PartyData:
     record_ids: list = field(default_factory=list)
     eval_record_ids: list = field(default_factory=list)
     original: Optional[torch.Tensor] = None   # training rows before a text defence (santext)
+    planted_original: Optional[torch.Tensor] = None   # canary windows before a text defence
     planted: object = None       # canaries.CanaryRows: windows that open the first batches
 
     _samplers: dict = field(default_factory=dict, repr=False, compare=False)

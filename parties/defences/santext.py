@@ -96,6 +96,9 @@ def apply(scenario, data, init_model):
         party.original = original
         changed += int((party.train != original).sum())
         total += original.numel()
+        if getattr(party, "planted", None) is not None:   # canary windows are text like any other
+            party.planted_original = party.planted.rows
+            party.planted.rows = mech(party.planted.rows, gen)
     info = {"epsilon": cfg.epsilon, "tokens": total, "replaced": changed,
             "replaced_fraction": changed / total if total else 0.0,
             "expected_stay_probability": mech.stay_probability()}
@@ -114,8 +117,10 @@ def original_rows(parties):
         if party not in maps:
             data = parties[int(str(party).rsplit("-", 1)[1])]
             orig = getattr(data, "original", None)
-            maps[party] = None if orig is None else \
-                {row.numpy().tobytes(): o for row, o in zip(data.train, orig)}
+            pairs = [] if orig is None else list(zip(data.train, orig))
+            if getattr(data, "planted_original", None) is not None:
+                pairs += list(zip(data.planted.rows, data.planted_original))
+            maps[party] = {row.numpy().tobytes(): o for row, o in pairs} if pairs else None
         table = maps[party]
         if table is None:
             return ids

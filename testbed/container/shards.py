@@ -42,6 +42,8 @@ def write_shard(directory, pd):
         rows["original"] = pd.original.contiguous()
     if pd.planted is not None:   # canary windows that open the party's first batches
         rows["planted"] = pd.planted.rows.contiguous()
+    if pd.planted_original is not None:
+        rows["planted_original"] = pd.planted_original.contiguous()
     save_file(rows, str(directory / SHARD))
     (directory / SHARD_META).write_text(json.dumps(
         {"name": pd.name, "record_ids": pd.record_ids, "eval_record_ids": pd.eval_record_ids,
@@ -60,7 +62,7 @@ def read_shard(directory):
         from parties.data.canaries import CanaryRows
         planted = CanaryRows(rows["planted"], meta["planted_batch_size"])
     return PartyData(name=meta["name"], train=rows["train"], eval=rows["eval"], original=rows.get("original"),
-                     planted=planted, record_ids=meta["record_ids"], eval_record_ids=meta["eval_record_ids"])
+                     planted=planted, planted_original=rows.get("planted_original"), record_ids=meta["record_ids"], eval_record_ids=meta["eval_record_ids"])
 
 
 class Unavailable:
