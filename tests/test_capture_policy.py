@@ -148,12 +148,14 @@ def test_pcmoe_4party_keeps_a_sample_by_default():
     sc = load_scenario(ROOT / "scenarios/pcmoe-4party.yaml")
     sel = capture_policy.resolve(sc.capture, sc.protocol.name, sc.attacks)
     kept_steps = [s for s in range(sc.training.steps) if sel.keep(s, "expert_fwd")]
-    assert kept_steps == [0, 1, 2, 3, 50, 100, 150, 200, 250, 300, 350]
+    attacked = {s for a in sc.attacks for s in ((a.get("options") or {}).get("steps") or [])}
+    assert kept_steps == sorted({0, 1, 2, 3, 50, 100, 150, 200, 250, 300, 350} | attacked)
     assert sel.last == 4
 
 
 def test_an_attack_on_every_step_reads_the_kept_ones(tmp_path):
     data = deep_merge(read_yaml(ROOT / "scenarios/pcmoe-tiny.yaml"), {"training": {"steps": 10}})
+    data["attacks"] = []   # the scenario's own attack list would keep its steps too
     run, _ = run_scenario(parse_scenario(data), runs_root=tmp_path, base_dir=ROOT,
                           cache_dir=tmp_path / "cache", progress=False)
     [res] = [r for r in run_attacks(run, ["embedding-nn"], write=False) if r["observer"] == "party-1"]
