@@ -11,7 +11,6 @@ Needs a Docker daemon and the project image (``TESTBED_IMAGE``; built with build
 Without a daemon these tests are skipped, except under ``CI=true``.
 """
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -24,21 +23,6 @@ import pytest
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
-IMAGE = os.environ.get("TESTBED_IMAGE", "collab-testbed:latest")
-IN_CI = os.environ.get("CI", "").lower() == "true"
-
-
-@pytest.fixture(scope="module")
-def image():
-    ok = shutil.which("docker") and subprocess.run(["docker", "info"], capture_output=True).returncode == 0
-    if not ok:
-        if IN_CI:
-            pytest.fail("CI=true but no Docker daemon reachable (run testbed/container/install-docker.sh)")
-        pytest.skip("no Docker daemon; run testbed/container/install-docker.sh to enable the container tests")
-    build = subprocess.run(["bash", str(ROOT / "testbed/container/build-image.sh")], cwd=ROOT, text=True,
-                           capture_output=True, env={**os.environ, "IMAGE": IMAGE}, timeout=3600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return IMAGE
 
 
 def _up(image, runs, name, *extra):

@@ -8,9 +8,7 @@ once its link is shaped) and is refused after it ("Network is unreachable").
 Needs a Docker daemon and the image (``TESTBED_IMAGE``); skipped without one, except under CI=true.
 """
 import json
-import os
 import secrets
-import shutil
 import socket
 import subprocess
 import threading
@@ -19,8 +17,6 @@ import pytest
 
 pytestmark = pytest.mark.docker
 
-IMAGE = os.environ.get("TESTBED_IMAGE", "collab-testbed:latest")
-IN_CI = os.environ.get("CI", "").lower() == "true"
 
 PROBE = """
 import socket, sys
@@ -35,17 +31,6 @@ print("before:", attempt())
 print("isolation:", restrict_routes([socket.gethostname()]))
 print("after:", attempt())
 """
-
-
-@pytest.fixture(scope="module")
-def image():
-    ok = shutil.which("docker") and subprocess.run(["docker", "image", "inspect", IMAGE],
-                                                   capture_output=True).returncode == 0
-    if not ok:
-        if IN_CI:
-            pytest.fail(f"CI=true but no Docker daemon or no image {IMAGE} (testbed/container/build-image.sh)")
-        pytest.skip(f"no Docker daemon or no image {IMAGE}")
-    return IMAGE
 
 
 def test_a_party_cannot_reach_the_host_once_its_routes_are_restricted(image):
