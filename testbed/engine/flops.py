@@ -10,8 +10,29 @@ same formula registry, so the totals are identical -- without the module trackin
         loss.backward()
     fc.total   # FLOPs of forward and backward
 """
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs):
+    """torch has no formula for the grouped matrix product that MoE experts run (PC-MoE's
+    hosts, transformers' grouped experts): 2 x (rows) x (inner) x (cols), summed over groups.
+    2D x 3D -> 2D ([M, K] x [G, K, N]), 2D x 2D -> 3D ([K, M] x [M, N], the weight gradient),
+    3D x 3D -> 3D (batched)."""
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    if len(a_shape) == 3 and len(b_shape) == 2:      # [G, M, K] x [K, N]... per group
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[-1]
+
+
+_GROUPED = getattr(torch.ops.aten, "_grouped_mm", None)
+if _GROUPED is not None and _GROUPED not in flop_registry:
+    register_flop_formula(_GROUPED, get_raw=False)(
+        lambda a_shape, b_shape, *args, out_shape=None, **kw: _grouped_mm_flops(a_shape, b_shape))
 
 
 class FlopCount(TorchDispatchMode):
