@@ -51,7 +51,7 @@ def test_sampler_is_deterministic_per_generator_and_small_sets_repeat_evenly():
 
 
 def test_protocol_sampling_on_prepared_data_never_repeats_a_row_within_an_epoch():
-    sc = parse_scenario({"name": "s", "data": {"records": 400},
+    sc = parse_scenario({"name": "s", "data": {"records": 400, "canaries": {"placement": "records"}},
                          "parties": {"count": 2}, "training": {"batch_size": 8, "seq_len": 32}})
     data = prepare_data(sc, REPO, CACHE)
     ctx = RoleContext(scenario=sc, vocab_size=data.vocab_size, parties=data.parties,
