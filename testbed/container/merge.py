@@ -57,6 +57,9 @@ def merge_parts(rundir, parts_root, scenario, phases):
     truth = sorted((r for p in parts for r in _lines(p / "truth" / "tokens.jsonl")), key=lambda r: r["_ts"])
     for r in truth:
         rundir.truth(r["protocol"], r["party"], r["step"], torch.tensor(r["input_ids"], dtype=torch.int64))
+    routes = sorted((r for p in parts for r in _lines(p / "truth" / "routes.jsonl")), key=lambda r: r["_ts"])
+    for r in routes:
+        rundir.route(**{k: v for k, v in r.items() if k != "_ts"})
     if scenario.capture.enabled and phases:
         _merge_capture(rundir.path / "capture", parts, phases[0],
                        capture_policy.resolve(scenario.capture, phases[0], scenario.attacks))
@@ -99,6 +102,7 @@ class _Reopened:
         (self.path / "truth").mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.path / "metrics.jsonl", "w", buffering=1)
         self._truth = open(self.path / "truth" / "tokens.jsonl", "w", buffering=1)
+        self._routes = None
 
     def metric(self, record):
         self._metrics.write(json.dumps(record, sort_keys=True) + "\n")
@@ -107,9 +111,17 @@ class _Reopened:
         self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
                                       "input_ids": input_ids.tolist()}) + "\n")
 
+    def route(self, protocol, party, step, layer, host, positions):
+        if self._routes is None:
+            self._routes = open(self.path / "truth" / "routes.jsonl", "w", buffering=1)
+        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
+                                       "host": host, "positions": positions}) + "\n")
+
     def close(self):
         self._metrics.close()
         self._truth.close()
+        if self._routes is not None:
+            self._routes.close()
 
 
 def recover_run(run_path, parts_root, scenario, error):

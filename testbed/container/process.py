@@ -98,6 +98,7 @@ class PartWriter:
         (self.root / "truth").mkdir(parents=True, exist_ok=True)
         self._metrics = open(self.root / "metrics.jsonl", "a", buffering=1)
         self._truth = open(self.root / "truth" / "tokens.jsonl", "a", buffering=1)
+        self._routes = None   # truth/routes.jsonl, opened by the first routed message (PC-MoE)
 
     def metric(self, record):
         self._metrics.write(json.dumps({**record, "_ts": time.time()}, sort_keys=True) + "\n")
@@ -106,12 +107,20 @@ class PartWriter:
         self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
                                       "input_ids": input_ids.tolist(), "_ts": time.time()}) + "\n")
 
+    def route(self, protocol, party, step, layer, host, positions):
+        if self._routes is None:
+            self._routes = open(self.root / "truth" / "routes.jsonl", "a", buffering=1)
+        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
+                                       "host": host, "positions": positions, "_ts": time.time()}) + "\n")
+
     def capture(self, protocol, tensors):
         return CaptureWriter(self.root / "capture", protocol, tensors=tensors)
 
     def close(self):
         self._metrics.close()
         self._truth.close()
+        if self._routes is not None:
+            self._routes.close()
 
 
 class _Hosted:
