@@ -25,6 +25,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+MOE_FAMILIES = ("mixtral", "olmoe", "qwen2_moe")
+# Keys that only a mixture-of-experts family reads: a dense family (llama) ignores them.
+_MOE_ONLY = {"families": MOE_FAMILIES}
+
+
 class ModelCfg(Strict):
     family: Literal["mixtral", "llama", "olmoe", "qwen2_moe"] = "mixtral"
     path: Optional[str] = None  # a local directory for from_pretrained
@@ -33,11 +38,11 @@ class ModelCfg(Strict):
     num_heads: int = Field(4, gt=0)
     num_kv_heads: int = Field(2, gt=0)
     intermediate_size: int = Field(128, gt=0)
-    num_experts: int = Field(8, ge=1)
-    top_k: int = Field(2, ge=1)
+    num_experts: int = Field(8, ge=1, json_schema_extra=_MOE_ONLY)
+    top_k: int = Field(2, ge=1, json_schema_extra=_MOE_ONLY)
     max_position: int = Field(512, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    router_aux_loss_coef: float = Field(0.01, ge=0)
+    router_aux_loss_coef: float = Field(0.01, ge=0, json_schema_extra=_MOE_ONLY)
 
     @model_validator(mode="after")
     def _shapes(self):
@@ -51,6 +56,14 @@ class ModelCfg(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def model_key_applies(family, key):
+    """Whether ``model.<key>`` means anything for ``family``: False for the
+    mixture-of-experts keys (num_experts, top_k, router_aux_loss_coef) of a dense family."""
+    info = ModelCfg.model_fields.get(key)
+    families = (info.json_schema_extra or {}).get("families") if info is not None else None
+    return families is None or family in families
 
 
 class SplitCfg(Strict):

@@ -57,6 +57,39 @@ def run_tiny(tmp_path):
     return _run
 
 
+# -- Real tiny runs the report tests read (test_report*.py) ---------------------------------------
+LLAMA = {"family": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
+         "intermediate_size": 48}
+# The quickstart scenario, shrunk to seconds: same protocols, parties, split and attacks.
+QUICK = {"model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 48, "num_experts": 4},
+         "data": {"records": 48, "tokenizer": {"vocab_size": 300}, "canaries": {"count": 2}},
+         "training": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_batches": 1},
+         "attacks": [{"name": "embedding-nn", "options": {"steps": [0, 3]}},
+                     {"name": "routing-trace", "options": {"steps": [0, 3]}}]}
+
+
+def _run(sc, root):
+    from testbed.run.runner import run_scenario
+    path, _ = run_scenario(sc, runs_root=root / "runs", base_dir=ROOT, cache_dir=root / "cache", progress=False)
+    return path
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """scenarios/quickstart.yaml (PC-MoE + centralized + local, 4 parties, its attacks), shrunk."""
+    from testbed.scenario import load_scenario
+    return _run(load_scenario(ROOT / "scenarios" / "quickstart.yaml", QUICK), tmp_path_factory.mktemp("quick"))
+
+
+@pytest.fixture(scope="session")
+def fed_run(tmp_path_factory):
+    """FedSGD with DP-SGD on a dense LLaMA, a centralized baseline and the bag-of-tokens attack:
+    traffic, attack scores and epsilon in one tiny run."""
+    sc = tiny_scenario(model=LLAMA, protocol={"name": "fedsgd"}, attacks=["bag-of-tokens"],
+                       defences=[{"type": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}])
+    return _run(sc, tmp_path_factory.mktemp("fed"))
+
+
 # -- Docker: opt-in, session-private ------------------------------------------------------------
 SESSION_ID = secrets.token_hex(4)   # names this session's image, compose projects and runs
 DOCKER_SKIP_REASON = ("Docker tests run only with CI=true or TESTBED_DOCKER_TESTS=1 "

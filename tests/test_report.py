@@ -1,5 +1,6 @@
 """The report (testbed/report/) on real tiny runs: every section from saved artifacts,
 missing pieces ("not run"), crashed runs, comparisons, and rendering in headless Chromium.
+The runs (``quick_run``, ``fed_run``) are conftest fixtures, shared with test_report_readable.py.
 
 The Chromium test skips when no browser is installed, except under ``CI=true`` where a
 missing browser is a failure (Debian: ``apt-get install -y chromium``).
@@ -18,41 +19,9 @@ import yaml
 from testbed.errors import ConfigError, fmt_bytes
 from testbed.report import build_report, load_run
 from testbed.report.__main__ import main as report_main
-from testbed.run.runner import run_scenario
-from testbed.scenario import load_scenario
-
-from conftest import ROOT, tiny_scenario
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-LLAMA = {"family": "llama", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "num_kv_heads": 2,
-         "intermediate_size": 48}
-# The quickstart scenario, shrunk to seconds: same protocols, parties, split and attacks.
-QUICK = {"model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 48, "num_experts": 4},
-         "data": {"records": 48, "tokenizer": {"vocab_size": 300}, "canaries": {"count": 2}},
-         "training": {"steps": 4, "batch_size": 2, "seq_len": 16, "eval_every": 2, "eval_batches": 1},
-         "attacks": [{"name": "embedding-nn", "options": {"steps": [0, 3]}},
-                     {"name": "routing-trace", "options": {"steps": [0, 3]}}]}
-
-
-def _run(sc, root):
-    path, _ = run_scenario(sc, runs_root=root / "runs", base_dir=ROOT, cache_dir=root / "cache", progress=False)
-    return path
-
-
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    """scenarios/quickstart.yaml (PC-MoE + centralized + local, 4 parties, its attacks), shrunk."""
-    return _run(load_scenario(ROOT / "scenarios" / "quickstart.yaml", QUICK), tmp_path_factory.mktemp("quick"))
-
-
-@pytest.fixture(scope="module")
-def fed_run(tmp_path_factory):
-    """FedSGD with DP-SGD, a centralized baseline and the bag-of-tokens attack: traffic,
-    attack scores and epsilon in one tiny run."""
-    sc = tiny_scenario(model=LLAMA, protocol={"name": "fedsgd"}, attacks=["bag-of-tokens"],
-                       defences=[{"type": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}])
-    return _run(sc, tmp_path_factory.mktemp("fed"))
 
 
 def _images(html):

@@ -22,6 +22,29 @@ class Table:
     collapsed: bool = False
 
 
+# A table of more columns is split (see split_columns): with ~8 characters a cell, about 1000 px.
+MAX_COLUMNS = 9
+
+
+def split_columns(table, keys=1, max_columns=MAX_COLUMNS):
+    """``table`` as tables of at most ``max_columns`` columns each (as even as can be), every
+    one repeating the first ``keys`` columns (what a row is about), so a wide record still
+    fits the page."""
+    n = len(table.columns)
+    if n <= max_columns:
+        return [table]
+    parts = -(-(n - keys) // max(1, max_columns - keys))
+    size = -(-(n - keys) // parts)
+    out = []
+    for start in range(keys, n, size):
+        cols = list(range(keys)) + list(range(start, min(n, start + size)))
+        part = f"columns {cols[keys] + 1}–{cols[-1] + 1} of {n}"
+        out.append(Table([table.columns[i] for i in cols], [[row[i] for i in cols] for row in table.rows],
+                         caption=f"{table.caption} ({part})" if table.caption else part,
+                         collapsed=table.collapsed))
+    return out
+
+
 @dataclass
 class Figure:
     """A PNG written into the report directory."""
@@ -87,6 +110,12 @@ def fmt_cell(v):
     if isinstance(v, dict):
         return "{" + ", ".join(f"{k}: {fmt_cell(x)}" for k, x in v.items()) + "}"
     return fmt_num(v)
+
+
+def fmt_time(stamp):
+    """An ISO time stamp as '2026-01-02 13:53:02+00:00' (a space, so a narrow cell can wrap
+    it); '-' when absent."""
+    return str(stamp).replace("T", " ", 1) if stamp else "-"
 
 
 def fmt_size(n):

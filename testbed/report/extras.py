@@ -7,7 +7,9 @@ are shown generically, so a new protocol's records appear without changes here.
 """
 from collections import defaultdict
 
-from .doc import Note, Section, Table, flatten, fmt_cell
+from testbed.scenario import model_key_applies
+
+from .doc import Note, Section, Table, flatten, fmt_cell, fmt_time, split_columns
 
 MAX_CELL = 90
 MAX_RECORDS = 12
@@ -19,10 +21,21 @@ def _short(v):
     return s if len(s) <= MAX_CELL else s[:MAX_CELL - 1] + "…"
 
 
+def scenario_keys(scenario):
+    """The scenario flattened to {dotted key: value}, without the model keys its model
+    family ignores (a dense LLaMA's num_experts, top_k, router_aux_loss_coef)."""
+    if not scenario:
+        return {}
+    family = (scenario.get("model") or {}).get("family")
+    return {k: v for k, v in flatten(scenario)
+            if not (k.startswith("model.") and family and not model_key_applies(family, k.split(".")[1]))}
+
+
 def scenario_section(ctx):
-    """Each run's resolved scenario as a table (runs side by side), differences first."""
+    """Each run's resolved scenario as a table (runs side by side), differences first;
+    a key that does not apply to a run (its model family ignores it) reads "n/a"."""
     sec = Section("Scenario")
-    flat = [dict(flatten(r.scenario)) if r.scenario else {} for r in ctx.runs]
+    flat = [scenario_keys(r.scenario) for r in ctx.runs]
     keys = list(dict.fromkeys(k for f in flat for k in f))
     missing = [r.label for r, f in zip(ctx.runs, flat) if not f]
     for label in missing:
@@ -30,7 +43,7 @@ def scenario_section(ctx):
     if not keys:
         return sec
     labels = [r.label for r in ctx.runs]
-    rows = [[k] + [_short(f.get(k, "-")) for f in flat] for k in keys]
+    rows = [[k] + [_short(f[k]) if k in f else "n/a" if f else "-" for f in flat] for k in keys]
     if len(ctx.runs) > 1:
         diff = [row for row in rows if len(set(row[1:])) > 1]
         sec.add(Table(["key"] + labels, diff, caption="Keys whose values differ between the runs.")
@@ -40,13 +53,14 @@ def scenario_section(ctx):
                   collapsed=len(ctx.runs) > 1))
     env = []
     for r in ctx.runs:
-        m, v = r.manifest, r.manifest.get("versions") or {}
+        m, v, host = r.manifest, r.manifest.get("versions") or {}, r.manifest.get("host") or {}
+        cpus = f" ({fmt_cell(host['cpus'])} cpus)" if host.get("cpus") else ""
         env.append([r.label, fmt_cell(m.get("seed")), m.get("scenario_hash") or "-",
-                    (m.get("host") or {}).get("hostname") or "-", fmt_cell((m.get("host") or {}).get("cpus")),
-                    v.get("python") or "-", v.get("torch") or "-", v.get("transformers") or "-",
-                    m.get("start") or "-", m.get("end") or "-"])
-    sec.add(Table(["run", "seed", "scenario hash", "host", "cpus", "python", "torch", "transformers",
-                   "start", "end"], env, caption="Run environment (manifest.json)."))
+                    (host.get("hostname") or "-") + cpus,
+                    ", ".join(f"{k} {v[k]}" for k in ("python", "torch", "transformers") if v.get(k)) or "-",
+                    fmt_time(m.get("start")), fmt_time(m.get("end"))])
+    sec.add(Table(["run", "seed", "scenario hash", "host", "versions", "start", "end"], env,
+                  caption="Run environment (manifest.json)."))
     return sec
 
 
@@ -55,7 +69,7 @@ def _tables_from(data, caption):
     of records, or plain key/value pairs."""
     if isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
         cols = list(dict.fromkeys(k for x in data for k in x))
-        return [Table(cols, [[_short(x.get(c, "-")) for c in cols] for x in data], caption=caption)]
+        return split_columns(Table(cols, [[_short(x.get(c, "-")) for c in cols] for x in data], caption=caption))
     if not isinstance(data, dict):
         return [Table(["value"], [[_short(data)]], caption=caption)]
     out, plain = [], []
@@ -64,8 +78,8 @@ def _tables_from(data, caption):
             out += _tables_from(v, f"{caption}: {k}")
         elif isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
             cols = list(dict.fromkeys(c for x in v.values() for c in x))
-            out.append(Table([""] + cols, [[str(name)] + [_short(x.get(c, "-")) for c in cols]
-                                           for name, x in v.items()], caption=f"{caption}: {k}"))
+            out += split_columns(Table([""] + cols, [[str(name)] + [_short(x.get(c, "-")) for c in cols]
+                                                     for name, x in v.items()], caption=f"{caption}: {k}"))
         else:
             plain += [[key, _short(x)] for key, x in flatten({k: v})]
     if plain:
@@ -111,5 +125,5 @@ def records_section(ctx):
         cols = list(dict.fromkeys(k for f in flat for k in f))
         rows = [[_short(f.get(c, "-")) for c in cols] for f in flat[:MAX_RECORDS]]
         more = f" (first {MAX_RECORDS} of {len(flat)})" if len(flat) > MAX_RECORDS else ""
-        sec.add(Table(cols, rows, caption=caption + more))
+        sec.add(*split_columns(Table(cols, rows, caption=caption + more)))
     return sec

@@ -17,10 +17,12 @@ h2 { font-size: 1.3em; border-bottom: 2px solid #e3e3e8; padding-bottom: 4px; ma
 .subtitle { color: #666; margin-top: 0; }
 nav { background: #f5f5f7; padding: 8px 14px; border-radius: 6px; font-size: 0.92em; }
 nav a { margin-right: 14px; color: #0a58ca; text-decoration: none; }
-table { border-collapse: collapse; margin: 10px 0 18px; font-size: 0.86em; }
+table { border-collapse: collapse; margin: 10px 0 18px; font-size: 0.86em; max-width: 100%; }
 th, td { border: 1px solid #d9d9de; padding: 3px 8px; vertical-align: top; }
+/* a word longer than its cell (a path, a hash) breaks rather than pushing the table past the page */
+td { overflow-wrap: break-word; }
 th { background: #f0f0f4; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 caption { caption-side: top; text-align: left; color: #555; font-size: 0.95em; padding-bottom: 4px; }
 figure { margin: 12px 0 22px; }
 figure img { max-width: 100%; height: auto; border: 1px solid #e3e3e8; }

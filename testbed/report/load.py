@@ -48,6 +48,7 @@ class Run:
     traffic: dict = field(default_factory=dict)    # protocol -> Traffic
     attacks: list = None           # attack results (reconstructions dropped); None: no attacks dir
     throughput: object = None      # throughput.json as data, or None
+    vocab_size: int = None         # token ids in public/tokenizer.json, or None
     label: str = ""                # short name in legends, set by load_runs
 
     @property
@@ -137,6 +138,19 @@ def _attacks(path):
     return out
 
 
+def _vocab_size(path):
+    """How many token ids ``public/tokenizer.json`` defines (None: missing or unreadable);
+    it can differ from ``data.tokenizer.vocab_size`` (a loaded tokenizer, a small corpus)."""
+    try:
+        data = json.loads((path / "public" / "tokenizer.json").read_text())
+        vocab = (data.get("model") or {}).get("vocab") or {}
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))  # Unigram: a list
+        ids += [t["id"] for t in data.get("added_tokens") or []]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    return max(ids) + 1 if ids else None
+
+
 def load_run(path):
     """Load one run directory (see module docstring)."""
     path = Path(path)
@@ -152,7 +166,8 @@ def load_run(path):
     return Run(path=path, scenario=scenario if isinstance(scenario, dict) else None,
                manifest=_json(path / "manifest.json") or {}, summary=_json(path / "summary.json"),
                metrics=_jsonl(path / "metrics.jsonl"), traffic=_traffic(path),
-               attacks=_attacks(path), throughput=_json(path / "throughput.json"))
+               attacks=_attacks(path), throughput=_json(path / "throughput.json"),
+               vocab_size=_vocab_size(path))
 
 
 def load_runs(paths):

@@ -61,29 +61,53 @@ def _finite(points):
     return [(x, y) for x, y in points if y is not None and math.isfinite(y) and x is not None]
 
 
-def loss_plot(series, path, xlabel, title):
-    """One axis: per series solid train curves and dashed eval curves with markers.
+def _band(points):
+    """(x, mean, lo, hi) tuples with a finite mean, as four lists."""
+    points = [p for p in points if p[0] is not None and p[1] is not None and math.isfinite(p[1])]
+    return [list(c) for c in zip(*points)] if points else None
 
-    ``series``: [(label, colour, train curves, eval curves)], each curve a list of
-    (x, loss); a series with several curves (one per party on its own clock) draws them
-    thinner, in its colour, with one legend entry."""
+
+def loss_figure(series, xlabel, title):
+    """One axis, one train line and one eval line per series, each the mean over parties:
+    train solid with its min-max over parties shaded, eval dashed with markers and the
+    min-max as error bars (several series' eval points nudged sideways, so they do not hide
+    each other).
+
+    ``series``: [(label, colour, train band, eval band)], a band a list of
+    (x, mean, min, max) (:func:`testbed.report.series.train_band` / ``eval_band``)."""
     fig = Figure(figsize=(WIDTH, 4.8))
     ax = fig.add_subplot()
-    for label, color, train, evals in series:
-        for curves, kind, style in ((train, "train", {}), (evals, "eval", {"ls": "--", "marker": "o", "ms": 4})):
-            curves = [c for c in map(_finite, curves) if c]
-            lw = 1.4 if len(curves) == 1 else 0.9
-            for i, c in enumerate(curves):
-                ax.plot(*zip(*c), color=color, lw=lw, label=f"{label} {kind}" if i == 0 else None, **style)
+    xs = [p[0] for _, _, train, evals in series for p in train + evals if p[0] is not None]
+    # eval points of several series at the same step, nudged apart so their error bars show
+    nudge = 0.008 * (max(xs) - min(xs)) if len(series) > 1 and xs else 0.0
+    for i, (label, color, train, evals) in enumerate(series):
+        band = _band(train)
+        if band:
+            x, mean, lo, hi = band
+            ax.plot(x, mean, color=color, lw=1.4, label=f"{label} train")
+            if any(h > low for low, h in zip(lo, hi)):
+                ax.fill_between(x, lo, hi, color=color, alpha=0.18, lw=0)
+        band = _band(evals)
+        if band:
+            x, mean, lo, hi = band
+            x = [v + (i - (len(series) - 1) / 2) * nudge for v in x]
+            err = [[m - low for m, low in zip(mean, lo)], [h - m for m, h in zip(mean, hi)]]
+            ax.errorbar(x, mean, yerr=err if any(map(any, err)) else None, color=color, ls="--",
+                        marker="o", ms=4, lw=1.2, capsize=3, label=f"{label} eval")
     if xlabel == "step":
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel("loss (cross-entropy, nats)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if ax.lines:
+    if ax.get_legend_handles_labels()[1]:
         _legend(ax)
-    return _save(fig, path)
+    return fig
+
+
+def loss_plot(series, path, xlabel, title):
+    """:func:`loss_figure` written to ``path``."""
+    return _save(loss_figure(series, xlabel, title), path)
 
 
 def memory_plot(bars, path):

@@ -12,7 +12,7 @@ appear as new columns.
 from collections import defaultdict
 
 from . import plots
-from .doc import Figure, Note, Section, Table, fmt_num
+from .doc import Figure, Note, Section, Table, fmt_num, split_columns
 
 NOT_SCORES = {"seconds"}
 
@@ -60,6 +60,16 @@ FAMILIES = [
 ]
 
 
+WHO = ["protocol", "attack", "observer"]
+FAMILY_NOTES = {
+    "sequence": "tok acc, ROUGE-1/2/L and exact match position by position; routed: accuracy over "
+                "the positions the observer received.",
+    "canary": "planted secrets recovered / present in the attacked rows.",
+    "set": "token-set recall, precision and equality (order ignored).",
+    "other": "scores of attacks this report has no family for.",
+}
+
+
 def families(metrics):
     """Split score names into [(family, title, [(key, short name)])]; unknown scores go to
     an ``other`` family; families with no measured metric are dropped."""
@@ -77,6 +87,46 @@ def _canary_cell(sc):
         return "-"
     found = sum(1 for c in sc.get("canary_rows") or [] if c.get("recovered"))
     return f"{found}/{present}"
+
+
+def _who(ctx, run, res):
+    return [ctx.label(run, res.get("protocol", "?")), res.get("attack", "?"), res.get("observer", "?")]
+
+
+def score_tables(ctx, rows, values, fams, col):
+    """One table per metric family (only the attacks that measured something in it), then
+    one of details (rows attacked, seconds): no table is wider than its family."""
+    out = []
+    who = [_who(ctx, run, res) for run, res in rows]
+    for f, title, cols in fams:
+        body = []
+        for (run, res), ident, vals in zip(rows, who, values):
+            fam = [vals[col[k]] for k, _ in cols]
+            if all(v is None for v in fam):
+                continue
+            cells = [_canary_cell(res.get("scores") or {})] if f == "canary" else [fmt_num(v) for v in fam]
+            body.append(ident + cells)
+        if body:
+            out += split_columns(Table(WHO + [n for _, n in cols], body,
+                                       caption=f"Scores, {title}: {FAMILY_NOTES[f]}"), keys=len(WHO))
+    details = [ident + [fmt_num((res.get("scores") or {}).get("rows")), fmt_num(res.get("seconds"))]
+               for (run, res), ident in zip(rows, who)]
+    out.append(Table(WHO + ["rows attacked", "seconds"], details,
+                     caption="Every attack that ran: the rows of private data it attacked and its run "
+                             "time. An attack missing from a score table measured nothing in that family."))
+    return out
+
+
+def note_rows(ctx, rows):
+    """[[note, the attacks it applies to]]: each distinct note once, in order of first
+    appearance; "applies to" groups the observers per (protocol, attack)."""
+    where = {}
+    for run, res in rows:
+        for n in res.get("notes") or []:
+            protocol, attack, observer = _who(ctx, run, res)
+            where.setdefault(n, {}).setdefault(f"{protocol} · {attack}", []).append(observer)
+    return [[n, "; ".join(f"{k} ({', '.join(dict.fromkeys(obs))})" for k, obs in groups.items())]
+            for n, groups in where.items()]
 
 
 def attacks_section(ctx):
@@ -105,17 +155,7 @@ def attacks_section(ctx):
                            "compare position by position; canary recovery counts planted secrets in "
                            "attacked rows; token-set metrics ignore order and are not comparable to "
                            "the sequence metrics."))
-        table = []
-        for (run, res), vals in zip(rows, values):
-            sc = res.get("scores") or {}
-            cells = [ctx.label(run, res.get("protocol", "?")), res["attack"], res.get("observer", "?")]
-            for f, _, cols in fams:
-                cells += [_canary_cell(sc)] if f == "canary" else [fmt_num(vals[col[k]]) for k, _ in cols]
-            table.append(cells + [fmt_num(sc.get("rows")), fmt_num(res.get("seconds"))])
-        head = ["protocol", "attack", "observer"] + [n for _, _, cols in fams for _, n in cols] + ["rows", "s"]
-        sec.add(Table(head, table, caption="Scores per attack and observer (attacks/*.json): tok acc, "
-                      "ROUGE-1/2/L and exact match per position; canary: planted secrets recovered / "
-                      "present in attacked rows; set: token-set recall, precision, equality; s: seconds."))
+        sec.add(*score_tables(ctx, rows, values, fams, col))
         layered = [(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']} ({res.get('observer', '?')})",
                     (res.get("scores") or {})["by_layer"]) for run, res in rows
                    if isinstance((res.get("scores") or {}).get("by_layer"), dict)]
@@ -124,10 +164,10 @@ def attacks_section(ctx):
                            "Per-position success by layer: token accuracy over every position of the "
                            "attacked batches (positions the observer never received count as wrong) and "
                            "accuracy over the rows it received."))
-        notes = [[ctx.label(run, res.get("protocol", "?")), res["attack"], n]
-                 for run, res in rows for n in res.get("notes") or []]
+        notes = note_rows(ctx, rows)
         if notes:
-            sec.add(Table(["protocol", "attack", "note"], notes, caption="Notes the attacks reported."))
+            sec.add(Table(["note", "applies to"], notes,
+                          caption="Notes the attacks reported, each once, with the attacks it applies to."))
     if skipped:
         sec.add(Table(["protocol", "attack", "status", "why"],
                       [[ctx.label(run, res.get("protocol", "?")), res.get("attack", "?"),

@@ -5,9 +5,9 @@ PNGs into ``ctx.out_dir``.  Privacy sections are in :mod:`testbed.report.privacy
 scenario and protocol-specific ones in :mod:`testbed.report.extras`.
 """
 from . import plots
-from .doc import Figure, Note, Section, Table, fmt_num, fmt_size
-from .series import (engine, eval_curve, final_eval, is_party, memory, overview_row,
-                     party_curves, train_curve)
+from .caveats import loss_caveats
+from .doc import Figure, Note, Section, Table, fmt_num, fmt_size, fmt_time
+from .series import engine, final_eval, is_party, learning_series, memory, overview_row, train_curve
 
 # Past this many party roles in one protocol, plots show the largest party only.
 MAX_PARTY_BARS = 8
@@ -27,7 +27,7 @@ def overview_section(ctx):
         rows.append([r.label, str(r.path), sc.get("name", "-"), ", ".join(r.protocols) or "-",
                      fmt_num((sc.get("parties") or {}).get("count")),
                      fmt_num((sc.get("training") or {}).get("steps")),
-                     man.get("status", "unknown"), man.get("mode", "-"), man.get("start") or "-"])
+                     man.get("status", "unknown"), man.get("mode", "-"), fmt_time(man.get("start"))])
         if man.get("status") == "failed":
             sec.add(Note(f"run {r.label} failed: {man.get('error') or 'no error recorded'} "
                          "(the report shows what it wrote before failing)"))
@@ -40,6 +40,7 @@ def overview_section(ctx):
                     fmt_size(o["max_party_peak"]), _pct(o["mem_vs_central"]),
                     fmt_size(o["bytes"]), fmt_num(o["messages"]),
                     "-" if o["sim_time"] is None else f"{o['sim_time']:.2f} s"])
+    sec.add(*[Note(c) for c in loss_caveats(ctx.runs)])
     sec.add(Table(["protocol", "mean eval loss", "vs centralized", "max party peak memory",
                    "memory vs centralized", "wire bytes", "messages", "simulated time"], res,
                   caption="Final held-out loss (mean over parties), largest party's peak memory, "
@@ -48,32 +49,36 @@ def overview_section(ctx):
     return sec
 
 
+BAND = ("Lines: mean over parties; shaded (train) and error bars (eval): min–max over parties. "
+        "Train curves are interpolated between each party's own points, so parties that train in "
+        "turn or on their own clocks are compared at the same {x}.")
+
+
 def learning_section(ctx):
-    """Loss vs step and vs simulated time, every series on one axis."""
+    """Loss vs step and vs simulated time: per protocol one train and one eval curve (the
+    mean over parties) with the parties' min-max as a band."""
     sec = Section("Learning")
-    by_step, by_time, rows = [], [], []
-    for run, p in ctx.pairs():
-        tr, ev = train_curve(run, p), eval_curve(run, p)
-        label, color = ctx.label(run, p), ctx.color(run, p)
-        by_step.append((label, color, [[(s, l) for s, l, _ in tr]], [[(s, l) for s, l, _ in ev]]))
-        by_time.append((label, color, party_curves(run, p, "train", "loss"),
-                        party_curves(run, p, "eval", "eval_loss")))
-        finals = final_eval(run, p)
-        rows.append([label, fmt_num(tr[-1][1] if tr else None), fmt_num(tr[-1][0] if tr else None),
-                     ", ".join(f"{k}: {fmt_num(v)}" for k, v in sorted(finals.items())) or "-"])
-    if not any(s[2][0] or s[3][0] for s in by_step):
+    sec.add(*[Note(c) for c in loss_caveats(ctx.runs)])
+    by_step = learning_series(ctx, "step")
+    if not any(train or evals for _, _, train, evals in by_step):
         return sec.add(Note("no train or eval records in metrics.jsonl"))
     sec.add(Figure(plots.loss_plot(by_step, ctx.png("loss_vs_step.png"), "step",
                                    "Loss vs step (solid: train, dashed: eval)"),
-                   "Train loss (mean over parties per step) and held-out loss per eval."))
-    times = [t for s in by_time for curves in s[2:] for c in curves for t, _ in c]
-    if any(times):
+                   "Train loss and held-out loss per eval. " + BAND.format(x="step")))
+    by_time = learning_series(ctx, "sim_time")
+    if any(x for _, _, train, evals in by_time for x, *_ in train + evals):
         sec.add(Figure(plots.loss_plot(by_time, ctx.png("loss_vs_time.png"), "simulated time (s)",
                                        "Loss vs simulated wall time"),
-                       "Against simulated time (network and devices as modelled): one curve per "
-                       "party, each on its own clock."))
+                       "Against simulated time (network and devices as modelled). "
+                       + BAND.format(x="time") + " An eval point sits at the parties' mean time "
+                       "of that evaluation."))
     else:
         sec.add(Note("simulated time stayed 0 (compute.mode: none and no traffic): no time axis to plot"))
+    rows = []
+    for run, p in ctx.pairs():
+        tr, finals = train_curve(run, p), final_eval(run, p)
+        rows.append([ctx.label(run, p), fmt_num(tr[-1][1] if tr else None), fmt_num(tr[-1][0] if tr else None),
+                     ", ".join(f"{k}: {fmt_num(v)}" for k, v in sorted(finals.items())) or "-"])
     sec.add(Table(["protocol", "final train loss", "at step", "final eval loss per party"], rows))
     return sec
 

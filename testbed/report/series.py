@@ -10,6 +10,9 @@ from pathlib import Path
 
 from . import plots
 
+# A train band is drawn through at most this many x values (the curve's detail on screen).
+MAX_BAND_POINTS = 600
+
 
 def is_party(role):
     return str(role).startswith("party-")
@@ -58,28 +61,62 @@ def train_curve(run, protocol):
             for s, rs in sorted(by_step.items())]
 
 
-def eval_curve(run, protocol):
-    """[(step, mean eval loss over parties, latest sim time of that step)]."""
+def _party_points(run, protocol, event, key, axis):
+    """party -> [(x, value)] sorted by x, x the record's ``axis`` (step or sim_time);
+    a party's values at the same x are averaged."""
+    by_party = defaultdict(lambda: defaultdict(list))
+    for r in run.events(event, protocol):
+        if r.get(key) is not None and r.get(axis) is not None:
+            by_party[r.get("party", "?")][r[axis]].append(r[key])
+    return {p: sorted((x, _mean(vs)) for x, vs in pts.items()) for p, pts in sorted(by_party.items())}
+
+
+def train_band(run, protocol, axis="step", max_points=MAX_BAND_POINTS):
+    """Train loss over parties as one curve: [(x, mean, min, max)].
+
+    Each party's curve is interpolated linearly (never extrapolated) onto the union of
+    the parties' x values -- at most ``max_points``, evenly spaced past that -- and the
+    parties whose curve spans an x give its mean and min-max.  Parties need not share x
+    values: each runs on its own simulated clock, and some protocols (PC-MoE) give each
+    step to one party in turn."""
+    import numpy as np
+    curves = [c for c in _party_points(run, protocol, "train", "loss", axis).values() if c]
+    if not curves:
+        return []
+    grid = np.unique(np.concatenate([[x for x, _ in c] for c in curves]).astype(float))
+    if len(grid) > max_points:
+        grid = np.linspace(grid[0], grid[-1], max_points)
+    ys = np.full((len(curves), len(grid)), np.nan)
+    for i, c in enumerate(curves):
+        xp, fp = np.array(c, dtype=float).T
+        inside = (grid >= xp[0]) & (grid <= xp[-1])
+        ys[i, inside] = np.interp(grid[inside], xp, fp)
+    keep = ~np.all(np.isnan(ys), axis=0)
+    ys, grid = ys[:, keep], grid[keep]
+    return list(zip(grid.tolist(), np.nanmean(ys, 0).tolist(), np.nanmin(ys, 0).tolist(),
+                    np.nanmax(ys, 0).tolist()))
+
+
+def eval_band(run, protocol, axis="step"):
+    """Held-out loss over parties per evaluation: [(x, mean, min, max)], one point per
+    eval step (every party evaluates at the same step); against time, x is the mean of
+    the parties' simulated times at that step."""
     by_step = defaultdict(list)
     for r in run.events("eval", protocol):
-        if "step" in r and r.get("eval_loss") is not None:
-            by_step[r["step"]].append(r)
-    return [(s, _mean([r["eval_loss"] for r in rs]), max((r.get("sim_time") or 0.0) for r in rs))
-            for s, rs in sorted(by_step.items())]
+        if "step" in r and r.get("eval_loss") is not None and r.get(axis) is not None:
+            by_step[r["step"]].append((r[axis], r["eval_loss"]))
+    out = []
+    for _, pts in sorted(by_step.items()):
+        losses = [v for _, v in pts]
+        out.append((_mean([x for x, _ in pts]), _mean(losses), min(losses), max(losses)))
+    return sorted(out)
 
 
-def party_curves(run, protocol, event, key, limit=8):
-    """[[(sim time, value)] per party], in time order: parties run on their own clocks,
-    so against simulated time each party is its own curve.  Past ``limit`` parties, one
-    curve of the per-step mean at the step's latest time instead."""
-    by_party = defaultdict(list)
-    for r in run.events(event, protocol):
-        if r.get(key) is not None and r.get("sim_time") is not None:
-            by_party[r.get("party", "?")].append((r["sim_time"], r[key]))
-    if len(by_party) > limit:
-        curve = train_curve(run, protocol) if event == "train" else eval_curve(run, protocol)
-        return [sorted((t, v) for _, v, t in curve)]
-    return [sorted(points) for _, points in sorted(by_party.items())]
+def learning_series(ctx, axis):
+    """[(label, colour, train band, eval band)]: one entry per (run, protocol), the
+    parties folded into a mean curve with a min-max band (``axis``: step or sim_time)."""
+    return [(ctx.label(run, p), ctx.color(run, p), train_band(run, p, axis), eval_band(run, p, axis))
+            for run, p in ctx.pairs()]
 
 
 def final_eval(run, protocol):
