@@ -51,7 +51,7 @@ class ModelCfg(Strict):
             problems.append(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             problems.append(f"num_heads {self.num_heads} must be divisible by num_kv_heads {self.num_kv_heads}")
-        if self.top_k > self.num_experts:
+        if self.family in MOE_FAMILIES and self.top_k > self.num_experts:
             problems.append(f"top_k {self.top_k} must be <= num_experts {self.num_experts}")
         if problems:
             raise ValueError("; ".join(problems))

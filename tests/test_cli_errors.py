@@ -8,6 +8,7 @@ Also: a closed stdout (``| head``) ends quietly, and the attack catalog that ans
 list`` without torch matches the attack classes.
 """
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -160,3 +161,15 @@ def test_every_command_and_option_is_described():
                 missing.append(f"{prog} {'/'.join(action.option_strings) or action.dest}: no help")
         assert "``" not in parser.format_help(), f"{prog}: RST markup in the help"
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to tell 2 threads from 1")
+def test_threads_option_sizes_torchs_thread_pool():
+    """``--threads`` reaches torch although torch is imported after the arguments are read."""
+    code = ("import sys; from testbed.cli import main; main(sys.argv[1:]); import torch; "
+            "print(torch.get_num_threads())")
+    for n in ("1", "2"):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "TESTBED_THREADS")}
+        r = subprocess.run([sys.executable, "-c", code, "--threads", n, "validate", "scenarios/quickstart.yaml"],
+                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+        assert r.stdout.split()[-1] == n, r.stdout + r.stderr

@@ -53,7 +53,7 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         assert data == [f"{w}/data/party-{i}:/data/party-{i}:ro"]
         assert f"{w}/parts/party-{i}:/parts/party-{i}" in p["volumes"]
         assert p["mem_limit"] == budget + (512 << 20) and p["cpus"] == 1.5
-        assert p["environment"]["TESTBED_THREADS"] == "2"
+        assert p["environment"]["TESTBED_THREADS"] == "1"    # the embedded engine's default
         assert p["environment"]["PARTY"] == str(i) and p["environment"]["COORDINATOR"] == "coordinator:7070"
         assert p["environment"]["TESTBED_GPU_MEMORY_BUDGET"] == str(budget)
         assert p["cap_add"] == ["NET_ADMIN"] and p["networks"] == ["testbed"]
@@ -72,6 +72,16 @@ def test_rendered_compose_gives_each_party_only_its_shard_and_limits(tmp_path):
         assert svc["security_opt"] == ["no-new-privileges:true"]
         assert not any("SECRET" in k or "KEY" in k for k in svc["environment"])
     assert c["secrets"]["party-1-key"] == {"file": str(tmp_path / "keys" / "party-1.key")}
+
+
+def test_rendered_compose_runs_torch_with_the_embedded_engines_thread_count(tmp_path):
+    """Containers get ``--threads`` (not their CPU limit): only equal thread counts give the
+    two engines bit-identical reductions."""
+    from testbed.container.render import render_compose
+    sc = load_scenario(ROOT / "scenarios/pcmoe-tiny.yaml", {"parties": {"cpus": 1.5}})
+    c = render_compose(sc, image="img", work_dir=tmp_path / "w", runs_dir=tmp_path / "runs", project_dir=ROOT,
+                       run_name="r", credentials_dir=tmp_path / "keys", n_parties=2, threads=3)
+    assert {s["environment"]["TESTBED_THREADS"] for s in c["services"].values()} == {"3"}
 
 
 @pytest.mark.docker

@@ -86,6 +86,12 @@ def test_model_shape_checks(tmp_path):
     assert "divisible by num_heads" in str(exc.value) and "top_k 9" in str(exc.value)
 
 
+def test_expert_keys_are_not_checked_for_a_dense_model(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("name: x\nmodel: {family: llama, top_k: 9, num_experts: 8}\n")
+    assert load_scenario(f).model.family == "llama"
+
+
 def test_defaults_are_filled_and_resolved_round_trips(tmp_path):
     f = tmp_path / "x.yaml"
     f.write_text("name: x\n")

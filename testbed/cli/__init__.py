@@ -52,10 +52,26 @@ def build_parser(chosen=None):
     return parser
 
 
+def _early_threads(argv):
+    """The value of ``--threads N`` / ``--threads=N`` in ``argv`` if it is a positive integer
+    (anything else is left to the parser to reject)."""
+    for i, a in enumerate(argv):
+        value = argv[i + 1] if a == "--threads" and i + 1 < len(argv) else \
+            a.split("=", 1)[1] if a.startswith("--threads=") else None
+        if value is not None and value.isdigit() and int(value) >= 1:
+            return value
+    return None
+
+
 def main(argv=None):
-    # before any command module imports torch, so its thread pool starts at this size
-    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TESTBED_THREADS", "1"))
     argv = sys.argv[1:] if argv is None else list(argv)
+    # before any command module imports torch, so its thread pool starts at this size: torch
+    # reads OMP_NUM_THREADS once, when it is imported (a later set_num_threads cannot undo a
+    # pool of 1 made at import)
+    threads = _early_threads(argv)
+    if threads is not None:
+        os.environ["OMP_NUM_THREADS"] = os.environ["TESTBED_THREADS"] = threads
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ.get("TESTBED_THREADS", "1"))
     parser = build_parser(next((a for a in argv if a in COMMANDS), None))
     args = parser.parse_args(argv)
     if args.threads < 1:

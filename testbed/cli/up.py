@@ -255,7 +255,7 @@ def main_up(args):
         sc, image=args.image, work_dir=work, runs_dir=runs, project_dir=Path.cwd(), run_name=name,
         credentials_dir=credentials, n_parties=n, mem_overhead=parse_size(args.mem_overhead),
         probe_bytes=parse_size(args.probe_bytes), recv_timeout=args.recv_timeout, shaping=args.shaping,
-        run_as=host_user, party_user=party_user, gpu=args.gpu,
+        run_as=host_user, party_user=party_user, gpu=args.gpu, threads=args.threads,
         limits={"party_memory": parse_size(args.party_memory),
                 "coordinator_memory": parse_size(args.coordinator_memory),
                 "cpus": args.cpus, "pids": args.pids})

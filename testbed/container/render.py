@@ -23,7 +23,6 @@ directory), ``<work>/parts`` and the runs directory, where it writes the run dir
 Every service is on one ``internal: true`` network and has ``NET_ADMIN`` for ``tc``
 (parties, until they drop it); ``no-new-privileges`` keeps a dropped privilege dropped.
 """
-import math
 from pathlib import Path
 
 from parties.base import party_name
@@ -40,11 +39,14 @@ DEFAULT_LIMITS = {"party_memory": 4 << 30, "coordinator_memory": 6 << 30, "cpus"
 UNPRIVILEGED = "65534:65534"   # nobody:nogroup
 
 
-def _limits(svc, memory, cpus, pids):
+def _limits(svc, memory, cpus, pids, threads):
     svc["mem_limit"] = svc["memswap_limit"] = int(memory)   # no swap: over the limit is OOM
     svc["cpus"] = cpus
     svc["pids_limit"] = int(pids)
-    svc["environment"].setdefault("TESTBED_THREADS", str(math.ceil(cpus)))
+    # torch threads: the embedded engine's count (``--threads``, default 1), not the CPU
+    # limit: a reduction split over another number of threads rounds differently, and the
+    # two engines agree bit for bit only with equal counts
+    svc["environment"].setdefault("TESTBED_THREADS", str(threads))
     svc["security_opt"] = ["no-new-privileges:true"]
 
 
@@ -63,11 +65,12 @@ def _common(image, scenario_file, env):
 def render_compose(scenario, *, image, work_dir, runs_dir, project_dir, run_name, credentials_dir,
                    n_parties, mem_overhead=1 << 30, probe_bytes=0, recv_timeout=600,
                    register_timeout=300, shaping="auto", run_as=None, party_user=UNPRIVILEGED,
-                   limits=None, gpu=False):
+                   limits=None, gpu=False, threads=1):
     """The compose file (a dict) of one run. ``n_parties``: party containers to start
     (0 when only single-site protocols run); ``credentials_dir``: where the run's
     certificates and keys are on the host (outside the runs directory); ``limits``:
-    overrides of :data:`DEFAULT_LIMITS`."""
+    overrides of :data:`DEFAULT_LIMITS`; ``threads``: torch threads per process (the
+    embedded run's ``--threads``)."""
     work, runs = Path(work_dir).resolve(), Path(runs_dir).resolve()
     limits = {**DEFAULT_LIMITS, **(limits or {})}
     scenario_file = work / "scenario.yaml"
@@ -88,9 +91,9 @@ def render_compose(scenario, *, image, work_dir, runs_dir, project_dir, run_name
     services["prepare"]["volumes"] += [f"{work / 'data'}:/data", f"{Path(project_dir).resolve()}:/project:ro"]
     services["coordinator"]["volumes"] += [f"{work / 'data'}:/data:ro", f"{work / 'parts'}:/parts",
                                            f"{runs}:/results"]
-    _limits(services["prepare"], limits["coordinator_memory"], limits["cpus"], limits["pids"])
+    _limits(services["prepare"], limits["coordinator_memory"], limits["cpus"], limits["pids"], threads)
     _limits(services["coordinator"], limits["coordinator_memory"], scenario.coordinator.cpus or limits["cpus"],
-            limits["pids"])
+            limits["pids"], threads)
     services["coordinator"]["secrets"] = _secrets([COORDINATOR])
     secrets = {"ca": {"file": str(Path(credentials_dir) / CA_FILE)}}
     for who in [COORDINATOR, *(party_name(i) for i in range(n_parties))]:
@@ -109,7 +112,7 @@ def render_compose(scenario, *, image, work_dir, runs_dir, project_dir, run_name
         if budget is not None:
             svc["environment"]["TESTBED_GPU_MEMORY_BUDGET"] = str(budget)
         _limits(svc, budget + mem_overhead if budget is not None else limits["party_memory"],
-                scenario.parties.cpus or limits["cpus"], limits["pids"])
+                scenario.parties.cpus or limits["cpus"], limits["pids"], threads)
         if gpu:
             svc["deploy"] = {"resources": {"reservations": {"devices": [
                 {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]}}}
