@@ -105,6 +105,9 @@ class Attack:
     targets = {}   # protocol -> tuple of message kinds consumed
     replays = {}   # protocol -> kinds it reads at every step before an attacked one
     options = {}   # option -> default
+    # seconds this instance spent on work its observers share (an attacker model trained once
+    # and reused): the runner reports it apart from each observer's own seconds
+    shared_seconds = 0.0
 
     def applies_to(self, protocol):
         return protocol in self.targets

@@ -71,7 +71,7 @@ def main_run(args):
     _precheck(args, names, options)
     from .runner import format_table, run_attacks
     specs = [{"name": n, "observer": args.observer, "options": options} for n in names]
-    results = run_attacks(args.run_dir, specs)
+    results = run_attacks(args.run_dir, specs, progress=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps([{k: v for k, v in r.items() if k != "reconstructions"} for r in results], indent=2))
     else:

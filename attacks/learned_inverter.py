@@ -42,6 +42,7 @@ robustness to drifted or noised states.
 """
 import copy
 import logging
+import time
 
 import torch
 from torch import nn
@@ -227,7 +228,9 @@ class LearnedInverter(Attack):
         cache = self.__dict__.setdefault("_model_cache", {})
         key = (fingerprint(model), tuple(simulate_steps), aux.shape, int(aux.sum()), seed)
         if key not in cache:
+            t0 = time.perf_counter()
             cache[key] = simulated_training(model, aux, cfg["training"], simulate_steps, seed)
+            self.shared_seconds += time.perf_counter() - t0
         return cache[key]
 
     def _fit(self, site, models, aux, train, key):
@@ -238,8 +241,10 @@ class LearnedInverter(Attack):
         key = (key, tuple(fingerprint(m) for m in models), tuple(sorted(train.items())), aux.shape,
                int(aux.sum()))
         if key not in cache:
+            t0 = time.perf_counter()
             feats = torch.cat([batched(lambda ids, m=m: site(m, ids), aux) for m in models])
             cache[key] = train_inverter(feats, aux.repeat(len(models), 1), **train)
+            self.shared_seconds += time.perf_counter() - t0
             log.info("learned-inverter %s: %d aux tokens x %d models, train accuracy %.3f", key[0],
                      aux.numel(), len(models), cache[key].train_accuracy)
         return cache[key]

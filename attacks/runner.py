@@ -75,31 +75,29 @@ def captured_roles(run_path, protocol):
     return roles
 
 
-def run_attacks(run_path, attack_specs, write=True):
+def run_attacks(run_path, attack_specs, write=True, progress=None):
     """Run, score and (with ``write``) save every spec; returns one result dict per
-    (attack, observer), skipped ones included."""
+    (attack, observer), skipped ones included.  ``progress(line)``, when given, hears one
+    line as each (attack, observer) starts and one as it ends."""
     run_path = Path(run_path)
     specs = parse_specs(attack_specs)
     protocol = yaml.safe_load((run_path / "scenario.yaml").read_text())["protocol"]["name"]
     roles = captured_roles(run_path, protocol)
-    scorer = None
-    results = []
+    plan = []     # (spec, observer, base) to run, or a skipped result
     for spec in specs:
         attack, observer = spec["attack"], spec["observer"]
         base = {"attack": attack.name, "protocol": protocol, "threat_model": attack.threat_model.to_json(),
                 "options": spec["options"]}
         if not attack.applies_to(protocol):
             note = f"{attack.name} does not target {protocol} (targets: {', '.join(attack.targets)})"
-            results.append(_finish(run_path, {**base, "observer": observer or "-", "status": "skipped",
-                                               "note": note}, write))
+            plan.append({**base, "observer": observer or "-", "status": "skipped", "note": note})
             continue
         kinds = attack.kinds(protocol)
         chosen = [observer] if observer else obs.default_observers(protocol, kinds, roles)
         if not chosen:
             note = f"no observer in this run receives {', '.join(kinds)} (captured roles: " \
                    f"{', '.join(sorted(roles)) or 'none'})"
-            results.append(_finish(run_path, {**base, "observer": "-", "status": "skipped", "note": note},
-                                   write))
+            plan.append({**base, "observer": "-", "status": "skipped", "note": note})
             continue
         for who in chosen:
             if not any(fnmatch.fnmatchcase(who, p) for p in attack.threat_model.observers):
@@ -108,22 +106,56 @@ def run_attacks(run_path, attack_specs, write=True):
             if who not in roles and who != WIRE:
                 raise ConfigError("attacks", [f"{attack.name}.observer: {who!r} saw nothing in this run; "
                                               f"valid: {', '.join([WIRE] + sorted(roles))}"])
-            scorer = scorer or Scorer(run_path)
-            result = run_one(run_path, attack, who, spec["options"], scorer, base)
-            results.append(_finish(run_path, result, write))
+            plan.append((spec, who, base))
+    scorer, results, t_all = None, [], time.perf_counter()
+    n = sum(isinstance(p, tuple) for p in plan)
+    done = 0
+    for item in plan:
+        if not isinstance(item, tuple):
+            results.append(_finish(run_path, item, write))
+            continue
+        spec, who, base = item
+        done += 1
+        if progress:
+            progress(f"[attacks {done}/{n}] {spec['attack'].name} as {who} ...")
+        scorer = scorer or Scorer(run_path)
+        result = run_one(run_path, spec["attack"], who, spec["options"], scorer, base)
+        results.append(_finish(run_path, result, write))
+        if progress:
+            shared = result["scores"].get("shared_seconds")
+            progress(f"[attacks {done}/{n}] {spec['attack'].name} as {who}: {_headline(result['scores'])} "
+                     f"in {result['seconds']:.1f}s" + (f" (+{shared:.1f}s shared training)" if shared else ""))
+    if progress and n:
+        progress(f"[attacks] {n} attack runs in {time.perf_counter() - t_all:.1f}s")
     return results
 
 
+def _headline(scores):
+    for key, title in (("token_accuracy", "token accuracy"), ("token_set_recall", "set recall")):
+        if isinstance(scores.get(key), float):
+            return f"{title} {scores[key]:.3f}"
+    return f"{scores.get('reconstructions', 0)} reconstructions"
+
+
 def run_one(run_path, attack, observer, options, scorer, base=None):
-    """One attack as one observer: view -> reconstructions -> scores (a result dict)."""
+    """One attack as one observer: view -> reconstructions -> scores (a result dict).
+
+    ``seconds`` is this observer's own time; work the attack instance shares between its
+    observers (an attacker model trained once) is ``scores.shared_seconds``, reported with
+    the observer that paid for it."""
     view = AdversaryView(run_path, observer, knowledge=attack.threat_model.knowledge)
+    shared0 = attack.shared_seconds
     t0 = time.perf_counter()
     recs = attack.run(view, **options)
-    seconds = time.perf_counter() - t0
+    shared = attack.shared_seconds - shared0
+    seconds = time.perf_counter() - t0 - shared
     summary, per_rec = scorer.score(recs)
     summary["seconds"] = seconds
+    if shared:
+        summary["shared_seconds"] = shared
     notes = sorted({r.meta["note"] for r in recs if r.meta.get("note")})
-    log.info("%s as %s: %d reconstructions in %.2fs", attack.name, observer, len(recs), seconds)
+    log.info("%s as %s: %d reconstructions in %.2fs (+%.2fs shared)", attack.name, observer, len(recs),
+             seconds, shared)
     return {**(base or {}), "observer": observer, "status": "ok", "seconds": seconds, "scores": summary,
             "notes": notes, "reconstructions": per_rec}
 

@@ -251,7 +251,14 @@ def routed_accuracy(run, res):
 @pytest.mark.parametrize("name,options", [("learned-inverter", SMALL_INVERTER), ("routing-trace", {}),
                                           ("embedding-nn", {})])
 def test_pcmoe_attacks_score_routed_tokens(pcmoe, name, options):
-    [r0, r1] = run_attacks(pcmoe, [{"name": name, "options": options}])
+    lines = []
+    [r0, r1] = run_attacks(pcmoe, [{"name": name, "options": options}], progress=lines.append)
+    assert lines[0] == f"[attacks 1/2] {name} as {r0['observer']} ..." and len(lines) == 5
+    assert lines[3].startswith(f"[attacks 2/2] {name} as {r1['observer']}: ")
+    assert lines[-1].startswith("[attacks] 2 attack runs in ")
+    if name == "learned-inverter":   # the inverter is trained once; its time goes to the first observer
+        assert r0["scores"]["shared_seconds"] > 0 and "shared_seconds" not in r1["scores"]
+        assert "shared training" in lines[1] and "shared" not in lines[3]
     for res in (r0, r1):
         host = res["observer"]
         assert host in ("party-0", "party-1") and res["status"] == "ok"

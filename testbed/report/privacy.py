@@ -14,7 +14,7 @@ from collections import defaultdict
 from . import plots
 from .doc import Figure, Note, Section, Table, fmt_num, split_columns
 
-NOT_SCORES = {"seconds"}
+NOT_SCORES = {"seconds", "shared_seconds"}
 
 
 def _is_score(key, value):

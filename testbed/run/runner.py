@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -179,7 +180,7 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
         summary = summarize(scenario, rundir.path, results)
         rundir.write_json("summary.json", summary)
         if scenario.attacks:
-            _run_attacks(rundir.path, scenario)
+            _run_attacks(rundir.path, scenario, progress)
     except BaseException as exc:
         prog.close()
         rundir.close(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -189,10 +190,16 @@ def run_scenario(scenario, runs_root="runs", base_dir=".", cache_dir=".cache/tok
     return rundir.path, summary
 
 
-def _run_attacks(run_path, scenario):
+def _run_attacks(run_path, scenario, progress=True):
+    """The scenario's ``attacks:`` on the finished run; a line per attack and observer on
+    stderr with ``progress``."""
     try:
         from attacks.runner import run_attacks
     except ImportError:
         log.warning("scenario lists attacks but the attacks module is not available; skipped")
         return
-    run_attacks(run_path, scenario.attacks)
+    run_attacks(run_path, scenario.attacks, progress=_stderr_line if progress else None)
+
+
+def _stderr_line(line):
+    print(line, file=sys.stderr, flush=True)
