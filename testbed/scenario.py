@@ -376,10 +376,9 @@ def load_scenario(path, overrides=None):
 
 
 def deep_merge(base, extra, _where=""):
-    """``extra`` merged into ``base``: mappings key by key, anything else replaced.  A
-    mapping whose keys are item numbers, merged into a list, merges into those items
-    (``{'defences': {'0': {'sigma': 0.1}}}`` changes the first defence's sigma);
-    IndexError naming the dotted key for an item the list does not have."""
+    """``extra`` merged into ``base``: mappings key by key, anything else replaced; a mapping of
+    item numbers merges into a list's items (``{'defences': {'0': {'sigma': 0.1}}}``: the first
+    defence's sigma); IndexError naming the dotted key for an item the list lacks."""
     out = dict(base)
     for k, v in extra.items():
         out[k] = _merge(out.get(k), v, f"{_where}{k}")
@@ -392,8 +391,7 @@ def _merge(old, new, where):
     if not (isinstance(new, dict) and isinstance(old, list) and new and all(str(i).isdigit() for i in new)):
         return new
     out = list(old)
-    for i, v in new.items():
-        i = int(i)
+    for i, v in ((int(i), v) for i, v in new.items()):
         if i >= len(out):
             hint = f"; give the whole list, e.g. {where}=[...]" if not out else ""
             raise IndexError(f"{where}.{i}: no such item ({where} has {len(out)}{hint})")

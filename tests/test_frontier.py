@@ -76,6 +76,20 @@ def test_set_addresses_list_items_by_number():
         _override([NOISE, "defences.1.sigma=0.1"])
 
 
+def test_every_defence_type_passes_the_light_checks_so_each_can_be_swept():
+    import typing
+
+    from testbed.cli.checks import DEFENCE_KEYS, light_problems
+    from testbed.scenario import DefenceCfg
+    types = typing.get_args(DefenceCfg.model_fields["type"].annotation)
+    assert set(DEFENCE_KEYS) == set(types)
+    for t in types:
+        for key in DEFENCE_KEYS[t]:
+            value = {"kinds": "[grad]", "bits": "int8"}.get(key, "0.5" if key != "frac_bits" else "16")
+            sc = load_scenario(TINY, _override([f"defences=[{{type: {t}}}]", f"defences.0.{key}={value}"]))
+            assert light_problems(sc) == [], (t, key)
+
+
 @pytest.mark.parametrize("grid, says", [
     ("defences.0.sigma=-1,0.1", "--grid: defences.0.sigma=-1: must be >= 0.0 (got -1)"),
     ("defences.0.sigmaa=0,0.1", "--grid: defences.0.sigmaa: unknown key"),
@@ -171,6 +185,15 @@ def test_the_report_of_a_sweep_has_the_frontier_plot_and_table(sigma_runs, tmp_p
     rows = [line for line in section.splitlines() if line.startswith("| σ=")]
     assert [r.split(" | ")[0] for r in rows] == ["| σ=none", "| σ=0", "| σ=0.03", "| σ=0.1"]
     assert rows[2] == "| σ=0.03 | 6.5 | 0.3 | 0.5 | 0.2 | 0.25 | 2 |"
+
+
+def test_labels_of_settings_that_land_together_are_merged_not_stacked():
+    from testbed.report.frontier_plot import _clusters
+    best = {"σ=0": (0.30, 3.551, None), "σ=0.01": (0.31, 3.554, None), "σ=1": (0.13, 3.73, None)}
+    assert _clusters(best, 1.0) == [("σ=0, 0.01", 3.554, 0.31), ("σ=1", 3.73, 0.13)]
+    dp = {"z=0.3": (0.0, 6.239, 15.1), "z=1": (0.0, 6.242, 0.902)}
+    assert _clusters(dp, 0.2) == [("z=0.3, ε=15.1\nz=1, ε=0.902", 6.239, 0.0)]
+    assert _clusters(dp, 0.01) == [("z=0.3\nε=15.1", 6.239, 0.0), ("z=1\nε=0.902", 6.242, 0.0)]
 
 
 # -- end to end ---------------------------------------------------------------------------------
