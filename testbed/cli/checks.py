@@ -15,8 +15,9 @@ from pathlib import Path
 from testbed.errors import ConfigError
 
 # defence type -> the keys that mean something for it (besides ``type``)
-DEFENCE_KEYS = {"noise": ("sigma", "kinds"), "quantize": ("bits", "kinds"),
-                "dp_sgd": ("noise_multiplier", "max_grad_norm", "delta")}
+DEFENCE_KEYS = {"noise": ("sigma", "kinds"), "clip_noise": ("sigma", "clip", "kinds"),
+                "quantize": ("bits", "kinds"), "topk": ("fraction", "kinds"), "secagg": ("frac_bits",),
+                "santext": ("epsilon",), "dp_sgd": ("noise_multiplier", "max_grad_norm", "delta")}
 
 
 def light_problems(sc, base_dir="."):

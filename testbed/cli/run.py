@@ -18,7 +18,9 @@ from testbed.scenario import load_scenario
 
 def _override(pairs):
     """['training.steps=10'] -> {'training': {'steps': 10}} (values parsed as YAML);
-    ConfigError naming ``--set`` for an item that is not KEY=VALUE."""
+    ConfigError naming ``--set`` for an item that is not KEY=VALUE.  A number addresses an
+    item of a list: ``defences.0.sigma=0.1`` -> {'defences': {'0': {'sigma': 0.1}}}, which
+    :func:`testbed.scenario.deep_merge` applies to the scenario's first defence."""
     import yaml
     out, problems = {}, []
     for item in pairs or []:
@@ -34,17 +36,29 @@ def _override(pairs):
             problems.append(f"{item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})")
             continue
         cur = out
-        for p in parts[:-1]:
-            nxt = cur.setdefault(p, {})
-            if not isinstance(nxt, dict):
+        for n, p in enumerate(parts):
+            if isinstance(cur, list) and not (p.isdigit() and int(p) < len(cur)):
+                problems.append(f"{item!r}: {parts[n - 1]} is a list of {len(cur)} given with --set; "
+                                f"no item {p}")
+                break
+            if n == len(parts) - 1:
+                cur[int(p) if isinstance(cur, list) else p] = value
+                break
+            cur = _child(cur, p)
+            if cur is None:
                 problems.append(f"{item!r}: {p} was already given a value")
                 break
-            cur = nxt
-        else:
-            cur[parts[-1]] = value
     if problems:
         raise ConfigError("--set", problems)
     return out
+
+
+def _child(cur, key):
+    """The mapping (or list) under ``key`` of an override being built, made when absent; a
+    list given earlier (``defences=[...]``) is entered by item number (``defences.0.sigma``);
+    None when ``key`` already holds a value that cannot be entered."""
+    nxt = cur[int(key)] if isinstance(cur, list) else cur.setdefault(key, {})
+    return nxt if isinstance(nxt, (dict, list)) else None
 
 
 def load_with_overrides(path, pairs):

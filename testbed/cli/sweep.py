@@ -9,6 +9,13 @@ included: the report shows what they wrote before failing).
     python -m testbed sweep scenarios/fedsgd-tiny.yaml scenarios/split-tiny.yaml --jobs 2
     python -m testbed sweep scenarios/*-tiny.yaml --set training.steps=4 -o reports/tiny
     python -m testbed sweep scenarios/fedavg-4party.yaml scenarios/split-4party.yaml --seeds 0,1,2
+    python -m testbed sweep scenarios/fedsgd-tiny.yaml --set 'defences=[{type: noise, kinds: [grad]}]' \
+        --grid defences.0.sigma=0,0.01,0.1
+
+``--grid KEY=V1,V2,...`` runs every scenario once per value (several ``--grid``: the
+cartesian product; see :mod:`testbed.run.grid`), in run directories named
+``<scenario>-<key><value>-<stamp>``; every point is checked before anything runs, and the
+report gains the privacy-utility frontier (:mod:`testbed.report.frontier`).
 
 Exit code: 0 when every scenario ran, 1 when any failed.  The machinery is
 :mod:`testbed.run.sweep` (the privacy regression gate uses it too).
@@ -21,14 +28,15 @@ import yaml
 from testbed.run.sweep import Job, default_jobs, format_result, run_scenarios
 
 
-def _names(paths, stamp):
-    """Run directory names: <scenario name>-<stamp>, numbered when a name repeats."""
+def _names(paths, stamp, suffixes=None):
+    """Run directory names: <scenario name>[-<grid suffix>]-<stamp>, numbered when a name repeats."""
     names = []
-    for p in paths:
+    for p, suffix in zip(paths, suffixes or [""] * len(paths)):
         try:
             base = (yaml.safe_load(Path(p).read_text()) or {}).get("name") or Path(p).stem
         except (OSError, yaml.YAMLError, AttributeError):
             base = Path(p).stem
+        base += f"-{suffix}" if suffix else ""
         name, i = f"{base}-{stamp}", 1
         while name in names:
             name, i = f"{base}-{stamp}-{i}", i + 1
@@ -48,6 +56,32 @@ def add_sweep_arguments(p):
     p.add_argument("--seeds", metavar="LIST",
                    help="run every scenario over these seeds, e.g. 0,1,2 (mean ± 95%% CI per protocol)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="seconds before a scenario is stopped and failed")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2,...",
+                   help="run every scenario once per value of KEY, e.g. --grid defences.0.sigma=0,0.01,0.1 "
+                        "(repeatable: the cartesian product); the report adds the privacy-utility frontier")
+
+
+def _check_grid(scenarios, sets, points):
+    """Every grid point of every scenario loaded and checked before anything runs: a bad
+    grid key or value is one ConfigError naming ``--grid``, not one failed run per point."""
+    from testbed.errors import ConfigError
+    from testbed.run.grid import grid_problems
+
+    from .checks import light_problems, protocol_problems
+    from .run import load_with_overrides
+
+    def load(scenario, extra, deep):
+        sc = load_with_overrides(scenario, sets + extra)
+        return light_problems(sc) or (protocol_problems(sc) if deep else [])
+
+    # the protocol's own checks (they import torch) only when a grid key is the protocol's
+    deep = any(k.startswith("protocol.") for _, _, settings in points for k in settings)
+    problems = []
+    for s in scenarios:
+        problems += [p for p in grid_problems([(extra, st) for _, extra, st in points],
+                                              lambda extra, s=s: load(s, extra, deep)) if p not in problems]
+    if problems:
+        raise ConfigError("--grid", problems)
 
 
 def main_sweep(args):
@@ -62,10 +96,17 @@ def main_sweep(args):
     if args.seeds:
         from testbed.run.seeds import parse_seeds
         parse_seeds(args.seeds)          # a bad list fails here, not once per scenario
-    jobs = [Job(s, list(args.set or []), name, seeds=args.seeds)
-            for s, name in zip(args.scenarios, _names(args.scenarios, stamp))]
+    from testbed.run.grid import expand, parse_grid
+    points = expand(parse_grid(args.grid))
+    if args.grid:
+        _check_grid(args.scenarios, args.set or [], points)
+    todo = [(s, point) for s in args.scenarios for point in points]
+    names = _names([s for s, _ in todo], stamp, [suffix for _, (suffix, _, _) in todo])
+    jobs = [Job(s, list(args.set or []) + sets, name, seeds=args.seeds,
+                label=" ".join([Path(s).name] + sets))
+            for (s, (_, sets, _)), name in zip(todo, names)]
     n = args.jobs or default_jobs(len(jobs))
-    print(f"sweep: {len(jobs)} scenario(s), {n} at a time, runs in {args.runs}/", flush=True)
+    print(f"sweep: {len(jobs)} run(s), {n} at a time, runs in {args.runs}/", flush=True)
     results = run_scenarios(jobs, args.runs, n, timeout=args.timeout,
                             on_done=lambda r, d, t: print(format_result(r, d, t), flush=True))
     failed = [r for r in results if not r.ok]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .doc import Document, Note, Section
 from .extras import records_section, scenario_section, throughput_section
+from .frontier import frontier_section
 from .html import render_html
 from .load import load_runs
 from .markdown import render_markdown
@@ -21,11 +22,11 @@ from .series import Context
 log = logging.getLogger(__name__)
 
 SECTIONS = (overview_section, seeds_section, learning_section, memory_section, communication_section,
-            attacks_section, dp_section, throughput_section, records_section, scenario_section)
+            attacks_section, frontier_section, dp_section, throughput_section, records_section, scenario_section)
 # PNG names the sections write; removed first so a re-run leaves no stale plot behind.
 PNGS = ("loss_vs_step.png", "loss_vs_time.png", "memory.png", "bytes_per_link.png",
         "bytes_per_step.png", "attacks.png", "epsilon.png", "seeds.png", "exposure.png",
-        "attacks_by_layer.png")
+        "attacks_by_layer.png", "frontier.png")
 
 
 def default_out_dir(run_paths, now=None):
