@@ -14,7 +14,7 @@ PACKAGES = ("testbed", "parties", "attacks")
 
 # group -> module prefixes, most specific first (the first match wins)
 GROUPS = [
-    ("base", ("testbed.errors", "testbed.units", "testbed.stats", "testbed.console", "testbed")),  # "testbed": __version__ only
+    ("base", ("testbed.errors", "testbed.units", "testbed.stats", "testbed.console", "testbed.merge", "testbed")),  # "testbed": __version__ only
     ("registry", ("parties.registry",)),
     ("engine", ("testbed.engine",)),
     ("contracts", ("testbed.scenario", "testbed.rundir")),
