@@ -243,3 +243,21 @@ def test_every_table_fits_a_1000px_window_in_headless_chromium(quick_run, fed_ru
     captions = [b.caption for s in doc.sections for b in s.blocks if isinstance(b, Table)]
     assert len(overflow) == len(captions) > 10
     assert [c for c, o in zip(captions, overflow) if o > 0] == []
+
+
+def test_leakage_by_layer_draws_one_series_per_attack_over_its_observers(quick_run, tmp_path, monkeypatch):
+    from testbed.report import privacy_plots
+    drawn = []
+    real = privacy_plots.layer_plot
+    monkeypatch.setattr(privacy_plots, "layer_plot", lambda series, path: drawn.append(series) or real(series, path))
+    run = load_run(quick_run)
+    attacksection = attacks_section(Context([run], tmp_path))
+    [series] = drawn
+    by_attack = {r["attack"]: 0 for r in run.attacks if isinstance((r.get("scores") or {}).get("by_layer"), dict)}
+    for r in run.attacks:
+        if r["attack"] in by_attack and isinstance((r.get("scores") or {}).get("by_layer"), dict):
+            by_attack[r["attack"]] += 1
+    assert sorted(label.split(" · ")[-1] for label, _ in series) == sorted(by_attack)
+    assert {label.split(" · ")[-1]: len(obs) for label, obs in series} == by_attack
+    assert max(by_attack.values()) > 1, "the quickstart's attacks have several observers"
+    assert attacksection is not None

@@ -156,14 +156,17 @@ def attacks_section(ctx):
                            "attacked rows; token-set metrics ignore order and are not comparable to "
                            "the sequence metrics."))
         sec.add(*score_tables(ctx, rows, values, fams, col))
-        layered = [(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']} ({res.get('observer', '?')})",
-                    (res.get("scores") or {})["by_layer"]) for run, res in rows
-                   if isinstance((res.get("scores") or {}).get("by_layer"), dict)]
+        layered = {}     # (protocol, attack) -> every observer's by_layer
+        for run, res in rows:
+            by_layer = (res.get("scores") or {}).get("by_layer")
+            if isinstance(by_layer, dict):
+                layered.setdefault(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']}", []).append(by_layer)
         if layered:
-            sec.add(Figure(privacy_plots.layer_plot(layered, ctx.png("attacks_by_layer.png")),
-                           "Per-position success by layer: token accuracy over every position of the "
-                           "attacked batches (positions the observer never received count as wrong) and "
-                           "accuracy over the rows it received."))
+            sec.add(Figure(privacy_plots.layer_plot(list(layered.items()), ctx.png("attacks_by_layer.png")),
+                           "Per-position success by layer, one colour per attack: the mean over its "
+                           "observers (shaded: their min–max). Solid: token accuracy over every position "
+                           "of the attacked batches (positions the observer never received count as "
+                           "wrong); dashed: accuracy over the rows it received."))
         notes = note_rows(ctx, rows)
         if notes:
             sec.add(Table(["note", "applies to"], notes,

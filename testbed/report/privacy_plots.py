@@ -63,18 +63,25 @@ def exposure_plot(series, path, max_bits):
 
 
 def layer_plot(series, path):
-    """Per-position attack success against layer: [(label, {layer: {metric: value}})];
-    solid: token accuracy over every position, dashed: accuracy over the rows received."""
+    """Per-position attack success against layer: [(label, [{layer: {metric: value}}, ...])],
+    one dict per observer.  Per label: the mean over observers (shaded: min–max), solid for
+    token accuracy over every position, dashed for accuracy over the rows received; the
+    legend has one entry per label and one per line style."""
+    from matplotlib.lines import Line2D
     fig = Figure(figsize=(WIDTH, 4.2))
     ax = fig.add_subplot()
-    for k, (label, by_layer) in enumerate(series):
-        layers = sorted(by_layer, key=lambda x: int(x) if str(x).isdigit() else str(x))
+    for k, (label, observers) in enumerate(series):
+        layers = sorted({x for obs in observers for x in obs},
+                        key=lambda x: (0, int(x)) if str(x).isdigit() else (1, str(x)))
         xs = [int(x) if str(x).isdigit() else i for i, x in enumerate(layers)]
         color = f"C{k % 10}"
-        ax.plot(xs, [by_layer[x].get("token_accuracy", 0.0) for x in layers], marker="o", color=color,
-                label=f"{label}: token accuracy")
-        ax.plot(xs, [by_layer[x].get("routed_accuracy", 0.0) for x in layers], marker=".", ls="--",
-                color=color, label=f"{label}: on received rows")
+        for metric, style in (("token_accuracy", "-"), ("routed_accuracy", "--")):
+            vals = [[obs[x].get(metric, 0.0) for obs in observers if x in obs] for x in layers]
+            ax.plot(xs, [sum(v) / len(v) for v in vals], marker="o" if style == "-" else ".", ls=style,
+                    color=color, label=label if style == "-" else None)
+            if len(observers) > 1:
+                ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals], color=color, alpha=0.12,
+                                lw=0)
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("MoE layer")
@@ -82,5 +89,8 @@ def layer_plot(series, path):
     ax.set_title("Leakage by layer (PC-MoE expert hosts, per position)")
     ax.grid(alpha=0.3)
     if series:
-        _legend(ax)
+        handles, labels = ax.get_legend_handles_labels()
+        handles += [Line2D([], [], color="0.3", ls="-", marker="o"), Line2D([], [], color="0.3", ls="--", marker=".")]
+        labels += ["token accuracy (every position)", "accuracy on received rows"]
+        ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
