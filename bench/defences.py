@@ -41,7 +41,7 @@ TABLES = {
                               [("dager", {"aggregate": True})]),
     "pcmoe-clip-noise": ("pcmoe-tiny", grid("clip_noise", "sigma", [0.1, 0.5, 1.0], kinds=EXPERT_KINDS),
                          [("embedding-nn", {})]),
-    "privatelora-embed-noise": ("privatelora-tiny", grid("clip_noise", "sigma", [0.1, 0.5, 1.0], kinds=["embed"]),
+    "privatelora-embed-noise": ("privatelora-tiny", grid("clip_noise", "sigma", [1.0, 4.0, 8.0], kinds=["embed"]),
                                 [("embedding-nn", {}), ("lora-m-recovery", {})]),
 }
 __doc__ += "".join(f"  {k}: {v[0]}, {', '.join(label for label, _ in v[1])}; attacks {[a for a, _ in v[2]]}\n"
