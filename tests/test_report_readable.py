@@ -261,3 +261,18 @@ def test_leakage_by_layer_draws_one_series_per_attack_over_its_observers(quick_r
     assert {label.split(" · ")[-1]: len(obs) for label, obs in series} == by_attack
     assert max(by_attack.values()) > 1, "the quickstart's attacks have several observers"
     assert attacksection is not None
+
+
+def test_final_train_loss_is_the_mean_of_each_partys_last_loss(quick_run, tmp_path):
+    """PC-MoE parties take turns: the last step's loss is one party's, not the protocol's."""
+    run = load_run(quick_run)
+    last = {}
+    for r in run.events("train", "pcmoe"):
+        if r["step"] >= last.get(r["party"], (-1, None))[0]:
+            last[r["party"]] = (r["step"], r["loss"])
+    assert len(last) == 4
+    sec = learning_section(Context([run], tmp_path))
+    [table] = [b for b in sec.blocks if isinstance(b, Table) and "final train loss" in b.columns]
+    [row] = [row for row in table.rows if row[0] == "pcmoe"]
+    assert float(row[1]) == pytest.approx(sum(v for _, v in last.values()) / 4, abs=5e-4)
+    assert int(row[2]) == max(s for s, _ in last.values())

@@ -7,7 +7,7 @@ scenario and protocol-specific ones in :mod:`testbed.report.extras`.
 from . import plots
 from .caveats import loss_caveats
 from .doc import Figure, Note, Section, Table, fmt_num, fmt_size, fmt_time
-from .series import engine, final_eval, is_party, learning_series, memory, overview_row, train_curve
+from .series import engine, final_eval, is_party, last_train_losses, learning_series, memory, overview_row
 
 # Past this many party roles in one protocol, plots show the largest party only.
 MAX_PARTY_BARS = 8
@@ -76,10 +76,14 @@ def learning_section(ctx):
         sec.add(Note("simulated time stayed 0 (compute.mode: none and no traffic): no time axis to plot"))
     rows = []
     for run, p in ctx.pairs():
-        tr, finals = train_curve(run, p), final_eval(run, p)
-        rows.append([ctx.label(run, p), fmt_num(tr[-1][1] if tr else None), fmt_num(tr[-1][0] if tr else None),
+        last, finals = last_train_losses(run, p), final_eval(run, p)
+        rows.append([ctx.label(run, p),
+                     fmt_num(sum(v for _, v in last.values()) / len(last) if last else None),
+                     fmt_num(max(s for s, _ in last.values()) if last else None),
                      ", ".join(f"{k}: {fmt_num(v)}" for k, v in sorted(finals.items())) or "-"])
-    sec.add(Table(["protocol", "final train loss", "at step", "final eval loss per party"], rows))
+    sec.add(Table(["protocol", "final train loss", "at step", "final eval loss per party"], rows,
+                  caption="Final train loss: the mean over parties of each party's last train loss "
+                          "(PC-MoE parties take turns, so their last steps differ); at step: the last."))
     return sec
 
 

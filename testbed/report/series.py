@@ -51,14 +51,9 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def train_curve(run, protocol):
-    """[(step, mean train loss over parties, latest sim time of that step)]."""
-    by_step = defaultdict(list)
-    for r in run.events("train", protocol):
-        if "step" in r and r.get("loss") is not None:
-            by_step[r["step"]].append(r)
-    return [(s, _mean([r["loss"] for r in rs]), max((r.get("sim_time") or 0.0) for r in rs))
-            for s, rs in sorted(by_step.items())]
+def last_train_losses(run, protocol):
+    """party -> (step, loss) of its last train record."""
+    return {party: pts[-1] for party, pts in _party_points(run, protocol, "train", "loss", "step").items() if pts}
 
 
 def _party_points(run, protocol, event, key, axis):
