@@ -124,14 +124,15 @@ class RunDir:
                                       "input_ids": rows,
                                       "canaries": canary_hits(rows, self._canaries)}) + "\n")
 
-    def route(self, protocol, party, step, layer, host, positions):
+    def route(self, protocol, party, step, layer, host, positions, eval=False):
         """Record, for one routed message of ``party`` to ``host`` at ``step`` and ``layer``,
         the (batch row, position) of the token each of its rows carries (scoring only:
         ``truth/routes.jsonl``; the message itself carries no positions)."""
         if self._routes is None:
             self._routes = open(self.path / "truth" / "routes.jsonl", "a", buffering=1)
         self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions}) + "\n")
+                                       "host": host, "positions": positions,
+                                       **({"eval": True} if eval else {})}) + "\n")
 
     def close(self, status="ok", error=None):
         self._metrics.close()
