@@ -13,7 +13,8 @@
                          per protocol, party and step; ``canaries``: which rows carry
                          which canary, at which token positions), canaries.json,
                          records.jsonl, routes.jsonl (PC-MoE: the batch row and position
-                         of every row of every routed training message)
+                         of every row of every routed training message, in the order
+                         sent; dummy rows [-1, -1]; disguised evaluation flagged eval)
       attacks/, report/
 
 Every file is written incrementally (append + flush) so a crash leaves everything up

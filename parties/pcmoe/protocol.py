@@ -14,7 +14,7 @@ Schedule (choice): a ``coordinator`` role draws a random permutation of the part
 per round from its own ``torch.Generator`` and gives each, in turn, one global step
 (``turn`` -> one local mini-batch -> ``done``).  At eval steps it asks every party in
 turn to evaluate its own held-out set (``eval_turn`` -> ``eval_done``; expert traffic
-of kind ``eval_expert_*``), and at the end sends ``stop``.  Between turns a party
+of kind ``eval_expert_*``, or the training kinds with ``eval_traffic: disguised``), and at the end sends ``stop``.  Between turns a party
 serves expert requests.  The coordinator sees only this control traffic.
 
 Choices where the paper is silent or differs, written down:
