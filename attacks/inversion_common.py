@@ -37,7 +37,8 @@ class Capture:
 
     ``party``: whose data it encodes; ``step``: the training step (aligns with truth);
     ``states``: ``[B, T, H]`` (sequence sites) or ``[N, H]`` (PC-MoE rows); ``meta``: the
-    message meta (layer, experts, counts, ...)."""
+    message meta (layer, experts, counts, ...); ``extra``: the message's other tensors
+    (PC-MoE ``dedup_rows``: ``row_index``)."""
 
     protocol: str
     party: str
@@ -45,6 +46,7 @@ class Capture:
     states: torch.Tensor
     meta: dict = field(default_factory=dict)
     seq: int = 0
+    extra: dict = field(default_factory=dict)
 
 
 def received(msg):
@@ -71,7 +73,8 @@ def captures(view, kind, name, steps=None, max_batches=0, party_key="party", **m
         if max_batches and (party, m.step) not in batches and len(batches) >= max_batches:
             continue
         batches.add((party, m.step))
-        out.append(Capture(view.protocol, party, m.step, received(m)[name], dict(m.meta), m.seq))
+        tensors = received(m)
+        out.append(Capture(view.protocol, party, m.step, tensors.pop(name), dict(m.meta), m.seq, tensors))
     return out
 
 

@@ -8,7 +8,8 @@ of party-i's routed tokens was sent to -- the message meta ``layer``, ``experts`
 ``counts`` -- not the hidden states' values.  The only use of the tensor is to tell that
 two rows are the same token (a token whose top-k picks two experts of this host is sent
 once per expert, with identical hidden states; ``pair_rows``), which a host learns from
-equality alone.  It knows the starting checkpoint (routers included: the owner's router
+equality alone -- or, with PC-MoE's ``dedup_rows``, from the ``row_index`` tensor that
+names each row's experts.  It knows the starting checkpoint (routers included: the owner's router
 starts there) and has public text of the same domain.
 
 Attack.  Pass the auxiliary text through the attacker's copy of the checkpoint; at each
@@ -60,9 +61,16 @@ def fit_table(model, aux, layer, hosted):
 def observations(cap, pair_rows):
     """The visible observation of every received row, in message order: the experts of
     this message the row's token went to (rows with identical hidden states in two
-    experts' blocks are one token, with ``pair_rows``)."""
+    experts' blocks are one token, with ``pair_rows``; with a ``row_index`` -- one row per
+    token -- each row's experts are the blocks that point at it)."""
     experts, counts = cap.meta["experts"], cap.meta["counts"]
     owner = [e for e, c in zip(experts, counts) for _ in range(c)]
+    index = cap.extra.get("row_index") if cap.extra else None
+    if index is not None:
+        seen = [set() for _ in range(len(cap.states))]
+        for e, row in zip(owner, index.tolist()):
+            seen[row].add(e)
+        return [tuple(sorted(s)) for s in seen]
     seen = [{e} for e in owner]
     if pair_rows:
         first = {}

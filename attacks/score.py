@@ -128,7 +128,7 @@ class Scorer:
                 entries, scored, found, lay = score_routed(self, key, routed, rows, [self.decode(x) for x in rows],
                                                            self.hits.get(key, []), self._by_id)
                 per_rec += entries
-                sets_scored += entries
+                sets_scored += [e for e in entries if SET_METRICS[0] in e]
                 rows_scored += scored
                 canary_rows += found
                 for k, (c, n, s) in lay.items():

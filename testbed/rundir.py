@@ -13,7 +13,8 @@
                          per protocol, party and step; ``canaries``: which rows carry
                          which canary, at which token positions), canaries.json,
                          records.jsonl, routes.jsonl (PC-MoE: the batch row and position
-                         of every row of every routed training message)
+                         of every row of every routed training message, in the order
+                         sent; dummy rows [-1, -1]; disguised evaluation flagged eval)
       attacks/, report/
 
 Every file is written incrementally (append + flush) so a crash leaves everything up
@@ -124,14 +125,15 @@ class RunDir:
                                       "input_ids": rows,
                                       "canaries": canary_hits(rows, self._canaries)}) + "\n")
 
-    def route(self, protocol, party, step, layer, host, positions):
+    def route(self, protocol, party, step, layer, host, positions, eval=False):
         """Record, for one routed message of ``party`` to ``host`` at ``step`` and ``layer``,
         the (batch row, position) of the token each of its rows carries (scoring only:
         ``truth/routes.jsonl``; the message itself carries no positions)."""
         if self._routes is None:
             self._routes = open(self.path / "truth" / "routes.jsonl", "a", buffering=1)
         self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions}) + "\n")
+                                       "host": host, "positions": positions,
+                                       **({"eval": True} if eval else {})}) + "\n")
 
     def close(self, status="ok", error=None):
         self._metrics.close()

@@ -77,7 +77,8 @@ def batch_ids(seed=5):
 # ---- options and sharding ------------------------------------------------------------
 
 def test_options_unknown_keys_and_bad_values_are_listed():
-    assert validate_options({}) == {"noise_sigma": 0.0, "expert_training": "all"}
+    assert validate_options({}) == {"noise_sigma": 0.0, "expert_training": "all", "shuffle_rows": False,
+                                    "dedup_rows": False, "pad_counts": 0, "eval_traffic": "plain"}
     with pytest.raises(ConfigError) as err:
         validate_options({"noise_sigma": -1, "sigma": 1, "experts": 2, "expert_training": "none"})
     text = str(err.value)

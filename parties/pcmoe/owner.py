@@ -29,6 +29,13 @@ The router's load-balancing loss is computed by the owner from its own router lo
 into each segment).  With ``noise_sigma > 0`` the hidden states sent to hosts carry
 Gaussian noise; the host's gradient w.r.t. the noisy input is used as is
 (straight-through).
+
+The hiding options (``shuffle_rows``, ``dedup_rows``, ``pad_counts``) change only how a
+message's rows are laid out (:mod:`parties.pcmoe.layout`): outputs are put back in plan
+order and returned gradients scattered to their tokens through the owner's private
+:class:`~parties.pcmoe.layout.Layout`, so the math is unchanged.  With
+``disguise_eval`` evaluation passes use the training kinds and no message says
+``phase`` (see :mod:`parties.pcmoe.protocol`).
 """
 import importlib
 from dataclasses import dataclass, field
@@ -44,6 +51,7 @@ from parties.base import party_name
 from parties.layers import CACHE_KW
 from .sharding import host_of, route
 from .host import BWD, EVAL_FWD, EVAL_OUT, FWD, GRAD_IN, OUT, expert_meta
+from .layout import WireLayout
 
 
 @dataclass
@@ -53,7 +61,7 @@ class LayerPass:
     x_in: torch.Tensor               # leaf copy of x (training) or x itself (eval)
     h_in: torch.Tensor
     router_logits: torch.Tensor
-    remote: dict = field(default_factory=dict)  # host -> (y leaf, rows, experts, counts)
+    remote: dict = field(default_factory=dict)  # host -> [y leaf, Layout]
 
 
 @dataclass
@@ -82,9 +90,11 @@ class Owner:
     """The forward/backward of the party that trains (or evaluates) on its own batch."""
 
     def __init__(self, index, n_parties, model, meter, tracker, noise_sigma=0.0, noise_gen=None,
-                 record_route=None):
+                 record_route=None, wire=None, disguise_eval=False):
         self.name, self.n = party_name(index), n_parties
         self.record_route = record_route or (lambda **route: None)
+        self.wire = wire or WireLayout()
+        self.disguise_eval = disguise_eval
         self.model, self.meter, self.tracker = model, meter, tracker
         self.noise_sigma, self.noise_gen = noise_sigma, noise_gen
         cfg = model.config
@@ -101,7 +111,9 @@ class Owner:
         """Generator: the routed forward pass of ``ids``; returns a :class:`Pass`.
 
         ``train``: keep the cut graph for :meth:`backward` and use ``expert_fwd``
-        messages; otherwise no graph and ``eval_expert_fwd``."""
+        messages; otherwise no graph and ``eval_expert_fwd`` (``expert_fwd`` when
+        evaluation is disguised)."""
+        wire_train = train or self.disguise_eval
         inner, p = self.model.model, Pass()
         with self._scope(train):
             a = inner.embed_tokens(ids)
@@ -116,9 +128,10 @@ class Owner:
                 yield Send(host, msg)
             outputs = {}
             for host, msg in requests:
-                reply = yield Recv(src=host, kind=OUT if train else EVAL_OUT)
+                reply = yield Recv(src=host, kind=OUT if wire_train else EVAL_OUT)
                 y = reply.tensors.get("output")
-                if reply.meta.get("layer") != l or y is None or y.shape != msg.tensors["hidden"].shape:
+                want = [sum(lp.remote[host][1].counts), lp.x_in.shape[-1]]
+                if reply.meta.get("layer") != l or y is None or list(y.shape) != want:
                     raise ProtocolError(f"{self.name}: bad {reply.kind} from {host} for layer {l}: "
                                         f"meta {reply.meta}, shape {None if y is None else list(y.shape)}")
                 outputs[host] = y.to(lp.x_in.device, lp.x_in.dtype).requires_grad_(train)
@@ -154,23 +167,26 @@ class Owner:
                 continue
             p.remote_pairs += len(token_idx)
             by_host.setdefault(party_name(host), []).append((e, token_idx))
-        out = []
+        out, seq_len = [], lp.x_in.shape[1]
+        phase = None if self.disguise_eval else ("train" if train else "eval")
         for host in sorted(by_host, key=lambda h: int(h.split("-")[1])):
-            experts = [e for e, _ in by_host[host]]
-            counts = [len(t) for _, t in by_host[host]]
-            rows = torch.cat([t for _, t in by_host[host]])
-            hidden = flat[rows]
+            lay = self.wire.lay_out(by_host[host])
+            hidden = self.wire.hidden(lay, flat)
             if self.noise_sigma > 0:
                 hidden = hidden + self.noise_sigma * torch.randn(
                     hidden.shape, generator=self.noise_gen).to(hidden.device, hidden.dtype)
-            meta = expert_meta(l, experts, counts, self.name, host, "fwd", "train" if train else "eval")
-            if train:   # truth for scoring: the (batch row, position) of every row sent
-                seq_len = lp.x_in.shape[1]
+            meta = expert_meta(l, lay.experts, lay.counts, self.name, host, "fwd", phase)
+            if train or self.disguise_eval:   # truth for scoring: the (batch row, position) of every row sent
                 self.record_route(party=self.name, step=step, layer=l, host=host,
-                                  positions=[[r // seq_len, r % seq_len] for r in rows.tolist()])
-            lp.remote[host] = (None, rows, experts, counts)
-            out.append((host, Message(kind=FWD if train else EVAL_FWD, step=step, meta=meta,
-                                      tensors={"hidden": hidden.contiguous()})))
+                                  positions=[[r // seq_len, r % seq_len] if r >= 0 else [-1, -1]
+                                             for r in lay.row_tokens.tolist()],
+                                  **({} if train else {"eval": True}))
+            lp.remote[host] = [None, lay]
+            tensors = {"hidden": hidden.contiguous()}
+            if lay.row_index is not None:
+                tensors["row_index"] = lay.row_index.to(torch.int32)
+            out.append((host, Message(kind=FWD if train or self.disguise_eval else EVAL_FWD, step=step,
+                                      meta=meta, tensors=tensors)))
         return out
 
     def _combine(self, layer, lp, plan, weights, outputs):
@@ -179,10 +195,11 @@ class Owner:
         shape = lp.x_in.shape
         flat = lp.x_in.reshape(-1, shape[-1])
         remote = {}
-        for host, (_, rows, experts, counts) in lp.remote.items():
-            y = outputs[host]
-            lp.remote[host] = (y, rows, experts, counts)
-            remote.update(zip(experts, torch.split(y, counts)))
+        for host, entry in lp.remote.items():
+            entry[0] = y = outputs[host]
+            lay = entry[1]
+            y = y if self.wire.plain() else y[lay.take.to(y.device)]   # back to plan order
+            remote.update(zip(lay.experts, torch.split(y, lay.plan_counts)))
         local = [(e, t) for e, t, _ in plan if e not in remote]
         if local:  # every local expert in one grouped call
             counts = [len(t) for _, t in local]
@@ -226,19 +243,22 @@ class Owner:
             torch.autograd.backward(roots, grads)
             gx = lp.x_in.grad.view(-1, lp.x_in.shape[-1])  # a view: index_add_ lands in x_in.grad
             hosts = list(lp.remote)
+            phase = None if self.disguise_eval else "train"
             for host in hosts:
-                y, rows, experts, counts = lp.remote[host]
-                meta = expert_meta(l, experts, counts, self.name, host, "bwd", "train")
+                y, lay = lp.remote[host]
+                meta = expert_meta(l, lay.experts, lay.counts, self.name, host, "bwd", phase)
+                # dummy rows' outputs were dropped: their gradient is zero
                 yield Send(host, Message(kind=BWD, step=step, meta=meta,
                                          tensors={"grad_output": y.grad.detach()}))
             for host in hosts:
                 reply = yield Recv(src=host, kind=GRAD_IN)
-                rows = lp.remote[host][1]
+                rows = lp.remote[host][1].row_tokens
                 g = reply.tensors.get("grad_input")
                 if reply.meta.get("layer") != l or g is None or g.shape[0] != len(rows):
                     raise ProtocolError(f"{self.name}: bad {GRAD_IN} from {host} for layer {l}: "
                                         f"meta {reply.meta}, shape {None if g is None else list(g.shape)}")
-                gx.index_add_(0, rows, g.to(gx.device, gx.dtype))
+                real = rows >= 0
+                gx.index_add_(0, rows[real].to(gx.device), g[real.to(g.device)].to(gx.device, gx.dtype))
             roots, grads = [lp.x, lp.h_mid], [lp.x_in.grad, lp.h_in.grad]
         torch.autograd.backward(roots, grads)
         return total.item()

@@ -14,7 +14,7 @@ Schedule (choice): a ``coordinator`` role draws a random permutation of the part
 per round from its own ``torch.Generator`` and gives each, in turn, one global step
 (``turn`` -> one local mini-batch -> ``done``).  At eval steps it asks every party in
 turn to evaluate its own held-out set (``eval_turn`` -> ``eval_done``; expert traffic
-of kind ``eval_expert_*``), and at the end sends ``stop``.  Between turns a party
+of kind ``eval_expert_*``, or the training kinds with ``eval_traffic: disguised``), and at the end sends ``stop``.  Between turns a party
 serves expert requests.  The coordinator sees only this control traffic.
 
 Choices where the paper is silent or differs, written down:
@@ -23,7 +23,7 @@ Choices where the paper is silent or differs, written down:
   signal continue on the host until the next routing decision; here it returns to the
   owner after every expert call, so the backbone stays with its owner).
 * A token routed to two experts of the same host is sent once per expert
-  (``counts`` per expert); hosts return unweighted outputs.
+  (``counts`` per expert; ``dedup_rows`` sends it once); hosts return unweighted outputs.
 * Hosts step their expert optimizer once per global step (see pcmoe_host).
 * Each party has one AdamW over its backbone and hosted experts; host-side steps only
   touch expert parameters (the backbone has no gradient then).
@@ -43,6 +43,39 @@ experts from them -- experts learn only from their host's own tokens.  That is t
 no-sharing ablation, also registered as protocol ``pcmoe_no_sharing``: the same
 architecture and traffic without cross-party expert training.
 
+Hiding options -- each shows a host no more than its computation needs, none changes the
+math (losses equal the option off; tests/test_pcmoe_hiding.py), see
+:mod:`parties.pcmoe.layout`:
+
+* ``shuffle_rows`` (bool, default false): the rows of every (layer, host) message are
+  permuted with the owner's private generator (inside each expert's block; over the
+  message with ``dedup_rows``) and put back in order on return, so their order no longer
+  gives the tokens' relative positions or top-k ranks.  ``truth/routes.jsonl`` records
+  the positions in the order sent.
+* ``dedup_rows`` (bool, default false): one row per (token, host) -- a token routed to
+  several experts of one host is sent once, with an int32 ``row_index`` tensor mapping each
+  (token, expert) pair to its row; the host returns one output per pair.  Fewer hidden
+  bytes, 4 index bytes per pair; the host still learns which of its experts share a token
+  (it needs that to compute).
+* ``pad_counts`` (int >= 0, default 0 = off): every expert's pair count is padded up to a
+  multiple of N with dummy rows (Gaussian, with the per-feature mean and std of the
+  layer's real rows); the host computes on them, the owner drops their outputs and sends
+  zero gradients.  Bytes grow by the padding; truth records dummy rows as ``[-1, -1]``
+  and scoring skips them.  Experts that got no token stay absent from the message, and a
+  host that can tell dummy rows from real ones by their values can still count the real
+  ones; combine with ``shuffle_rows``, else dummy rows sit at the end of each block.
+* ``eval_traffic`` (``plain``, default, or ``disguised``): ``plain`` sends evaluation as
+  ``eval_expert_*`` with ``phase: eval``.  ``disguised`` sends it as ``expert_fwd`` /
+  ``expert_out`` and leaves ``phase`` out of every expert message, so a request's kind and
+  meta do not tell evaluation from training; the host keeps every forward's graph and
+  drops the ones no backward follows.  It still learns which forwards were evaluation --
+  after the fact, from the missing backward -- and when: evaluation comes at the public
+  ``training.eval_every`` steps as a second forward pass of the step.  Evaluation data
+  still reaches the hosts and is as exposed as training data (attacks on ``expert_fwd``
+  now see it too; truth records its routes with ``eval: true`` and scoring skips them).
+  ``local`` (evaluating without sending) is refused: a party holds only its own share of
+  the experts, so its forward pass needs the other hosts.
+
 Run:  python -m testbed run scenarios/pcmoe-4party.yaml
 """
 import torch
@@ -55,11 +88,17 @@ from parties.base import Protocol, is_eval_step, make_optimizer, party_name
 from .sharding import shard_model
 from .host import REQUESTS, ExpertHost
 from .meter import SavedBytes
+from .layout import WireLayout
 from .owner import Owner
 
 OPTIONS = {"noise_sigma": "float >= 0: Gaussian noise std on hidden states sent to expert hosts",
            "expert_training": "'all' (default) or 'own': whether hosts train their experts on "
-                              "other parties' tokens"}
+                              "other parties' tokens",
+           "shuffle_rows": "bool: permute the rows of every (layer, host) message (private generator)",
+           "dedup_rows": "bool: one row per (token, host), with a row_index tensor per (token, expert) pair",
+           "pad_counts": "int >= 0 (0: off): pad every expert's row count to a multiple of N with dummy rows",
+           "eval_traffic": "'plain' (default) or 'disguised': evaluation with the training kinds and meta"}
+EVAL_TRAFFIC = ("plain", "disguised")
 
 
 def validate_options(options):
@@ -73,9 +112,23 @@ def validate_options(options):
     training = options.get("expert_training", "all")
     if training not in ("all", "own"):
         problems.append(f"expert_training: must be 'all' or 'own' (got {training!r})")
+    for key in ("shuffle_rows", "dedup_rows"):
+        if not isinstance(options.get(key, False), bool):
+            problems.append(f"{key}: must be true or false (got {options[key]!r})")
+    pad = options.get("pad_counts", 0)
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        problems.append(f"pad_counts: must be an integer >= 0 (got {pad!r})")
+    traffic = options.get("eval_traffic", "plain")
+    if traffic == "local":
+        problems.append("eval_traffic: 'local' is not possible in pcmoe: a party holds only its share of "
+                        "the experts, so its evaluation needs the other hosts; use 'disguised'")
+    elif traffic not in EVAL_TRAFFIC:
+        problems.append(f"eval_traffic: must be 'plain' or 'disguised' (got {traffic!r})")
     if problems:
         raise ConfigError("protocol.options", problems)
-    return {"noise_sigma": float(sigma), "expert_training": training}
+    return {"noise_sigma": float(sigma), "expert_training": training,
+            "shuffle_rows": options.get("shuffle_rows", False), "dedup_rows": options.get("dedup_rows", False),
+            "pad_counts": pad, "eval_traffic": traffic}
 
 
 class PartyState:
@@ -93,8 +146,11 @@ class PartyState:
         self.meter = SavedBytes([self.model])
         self.data = ctx.parties[index]
         self.gen = ctx.generator("site" if n == 1 else self.name)
+        wire = WireLayout(options["shuffle_rows"], options["dedup_rows"], options["pad_counts"],
+                          ctx.generator(self.name, "shuffle"), ctx.generator(self.name, "pad"))
         self.owner = Owner(index, n, self.model, self.meter, self.tracker, options["noise_sigma"],
-                           ctx.generator(self.name, "noise"), record_route=ctx.record_route)
+                           ctx.generator(self.name, "noise"), record_route=ctx.record_route, wire=wire,
+                           disguise_eval=options["eval_traffic"] == "disguised")
         self.host = ExpertHost(self.name, self.shards, self.opt, self.tracker, self.meter)
         self.host.train_remote = options["expert_training"] == "all"
         self.local_steps = 0

@@ -111,11 +111,12 @@ class _Reopened:
         self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
                                       "input_ids": input_ids.tolist()}) + "\n")
 
-    def route(self, protocol, party, step, layer, host, positions):
+    def route(self, protocol, party, step, layer, host, positions, eval=False):
         if self._routes is None:
             self._routes = open(self.path / "truth" / "routes.jsonl", "w", buffering=1)
         self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions}) + "\n")
+                                       "host": host, "positions": positions,
+                                       **({"eval": True} if eval else {})}) + "\n")
 
     def close(self):
         self._metrics.close()

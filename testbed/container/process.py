@@ -107,11 +107,12 @@ class PartWriter:
         self._truth.write(json.dumps({"protocol": protocol, "party": party, "step": step,
                                       "input_ids": input_ids.tolist(), "_ts": time.time()}) + "\n")
 
-    def route(self, protocol, party, step, layer, host, positions):
+    def route(self, protocol, party, step, layer, host, positions, eval=False):
         if self._routes is None:
             self._routes = open(self.root / "truth" / "routes.jsonl", "a", buffering=1)
         self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions, "_ts": time.time()}) + "\n")
+                                       "host": host, "positions": positions, "_ts": time.time(),
+                                       **({"eval": True} if eval else {})}) + "\n")
 
     def capture(self, protocol, tensors):
         return CaptureWriter(self.root / "capture", protocol, tensors=tensors)
