@@ -131,9 +131,7 @@ class RunDir:
         ``truth/routes.jsonl``; the message itself carries no positions)."""
         if self._routes is None:
             self._routes = open(self.path / "truth" / "routes.jsonl", "a", buffering=1)
-        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions,
-                                       **({"eval": True} if eval else {})}) + "\n")
+        self._routes.write(json.dumps(route_record(protocol, party, step, layer, host, positions, eval)) + "\n")
 
     def close(self, status="ok", error=None):
         self._metrics.close()
@@ -141,6 +139,12 @@ class RunDir:
         if self._routes is not None:
             self._routes.close()
         self.update_manifest(status=status, error=error, end=_now())
+
+
+def route_record(protocol, party, step, layer, host, positions, eval=False, **extra):
+    """One line of ``truth/routes.jsonl`` (``extra``: e.g. a part's timestamp)."""
+    return {"protocol": protocol, "party": party, "step": step, "layer": layer, "host": host,
+            "positions": positions, **({"eval": True} if eval else {}), **extra}
 
 
 def canary_hits(rows, canaries):

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from testbed.run import capture_policy
 from testbed.run.capture import CaptureWriter
 from testbed.engine.codec import DTYPES, Message
-from testbed.rundir import iter_jsonl
+from testbed.rundir import iter_jsonl, route_record
 
 
 log = logging.getLogger(__name__)
@@ -114,9 +114,7 @@ class _Reopened:
     def route(self, protocol, party, step, layer, host, positions, eval=False):
         if self._routes is None:
             self._routes = open(self.path / "truth" / "routes.jsonl", "w", buffering=1)
-        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions,
-                                       **({"eval": True} if eval else {})}) + "\n")
+        self._routes.write(json.dumps(route_record(protocol, party, step, layer, host, positions, eval)) + "\n")
 
     def close(self):
         self._metrics.close()

@@ -31,6 +31,7 @@ from testbed.engine.codec import Message
 from testbed.net.engine import ContainerEngine, Mailbox
 from testbed.errors import TestbedError, TransportError
 from testbed.run.runner import build_roles, endpoint_configs
+from testbed.rundir import route_record
 from testbed.net.identity import Identity
 from testbed.net.transport import Node
 
@@ -110,9 +111,8 @@ class PartWriter:
     def route(self, protocol, party, step, layer, host, positions, eval=False):
         if self._routes is None:
             self._routes = open(self.root / "truth" / "routes.jsonl", "a", buffering=1)
-        self._routes.write(json.dumps({"protocol": protocol, "party": party, "step": step, "layer": layer,
-                                       "host": host, "positions": positions, "_ts": time.time(),
-                                       **({"eval": True} if eval else {})}) + "\n")
+        self._routes.write(json.dumps(route_record(protocol, party, step, layer, host, positions, eval,
+                                                   _ts=time.time())) + "\n")
 
     def capture(self, protocol, tensors):
         return CaptureWriter(self.root / "capture", protocol, tensors=tensors)
