@@ -115,6 +115,7 @@ class Scorer:
             by_batch.setdefault(r.batch, []).append(r)
         per_rec, rows_scored, sets_scored, canary_rows = [], [], [], []
         layers = {}   # routed reconstructions: layer -> [correct, received, row scores]
+        steps = {}    # training step -> row scores (leakage over training)
         unknown = 0
         for key, recs in by_batch.items():
             rows = self.batches.get(key)
@@ -130,6 +131,7 @@ class Scorer:
                 per_rec += entries
                 sets_scored += [e for e in entries if SET_METRICS[0] in e]
                 rows_scored += scored
+                steps.setdefault(key[2], []).extend(scored)
                 canary_rows += found
                 for k, (c, n, s) in lay.items():
                     acc = layers.setdefault(k, [0, 0, []])
@@ -156,7 +158,9 @@ class Scorer:
                         entry.update(self._seq_scores(r.token_ids, rows[j], entry["text"], truth_text[j]))
                 per_rec.append(entry)
             if seqs:
-                rows_scored += [e or dict.fromkeys(SEQUENCE_METRICS, 0.0) for e in row_entry]
+                scored = [e or dict.fromkeys(SEQUENCE_METRICS, 0.0) for e in row_entry]
+                rows_scored += scored
+                steps.setdefault(key[2], []).extend(scored)
             if seqs or secrets:
                 canary_rows += self._canaries(key, rows, truth_text, row_entry, secrets)
         summary = {"reconstructions": len(reconstructions), "batches": len(by_batch) - unknown,
@@ -171,6 +175,10 @@ class Scorer:
             summary["by_layer"] = {str(k): {"routed_accuracy": c / n if n else 0.0, "received": n, "rows": len(s),
                                             **{m: sum(float(e[m]) for e in s) / len(s) for m in SEQUENCE_METRICS}}
                                    for k, (c, n, s) in sorted(layers.items(), key=lambda kv: str(kv[0]))}
+        if len(steps) > 1:
+            summary["by_step"] = {str(k): {"rows": len(v), **{m: sum(float(e[m]) for e in v) / len(v)
+                                                              for m in SEQUENCE_METRICS}}
+                                  for k, v in sorted(steps.items())}
         if rows_scored or any(r.secrets for r in reconstructions):
             found = sum(c["recovered"] for c in canary_rows)
             summary["canaries_present"] = len(canary_rows)

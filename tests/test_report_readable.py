@@ -249,10 +249,11 @@ def test_leakage_by_layer_draws_one_series_per_attack_over_its_observers(quick_r
     from testbed.report import privacy_plots
     drawn = []
     real = privacy_plots.layer_plot
-    monkeypatch.setattr(privacy_plots, "layer_plot", lambda series, path: drawn.append(series) or real(series, path))
+    monkeypatch.setattr(privacy_plots, "layer_plot",
+                        lambda series, path, *a: drawn.append((path.name, series)) or real(series, path, *a))
     run = load_run(quick_run)
     attacksection = attacks_section(Context([run], tmp_path))
-    [series] = drawn
+    [series] = [s for name, s in drawn if name == "attacks_by_layer.png"]
     by_attack = {r["attack"]: 0 for r in run.attacks if isinstance((r.get("scores") or {}).get("by_layer"), dict)}
     for r in run.attacks:
         if r["attack"] in by_attack and isinstance((r.get("scores") or {}).get("by_layer"), dict):
@@ -276,3 +277,22 @@ def test_final_train_loss_is_the_mean_of_each_partys_last_loss(quick_run, tmp_pa
     [row] = [row for row in table.rows if row[0] == "pcmoe"]
     assert float(row[1]) == pytest.approx(sum(v for _, v in last.values()) / 4, abs=5e-4)
     assert int(row[2]) == max(s for s, _ in last.values())
+
+
+def test_leakage_over_training_plots_success_by_the_attacked_step(quick_run, tmp_path, monkeypatch):
+    """The shrunk quickstart attacks steps 0 and 3: each attack's scores carry both, and the
+    report draws them against the step."""
+    from testbed.report import privacy_plots
+    drawn = []
+    monkeypatch.setattr(privacy_plots, "layer_plot", lambda series, path, *a: drawn.append((path.name, series)) or path)
+    run = load_run(quick_run)
+    attacks_section(Context([run], tmp_path))
+    [series] = [s for name, s in drawn if name == "attacks_by_step.png"]
+    results = [r for r in run.attacks if (r.get("scores") or {}).get("by_step")]
+    assert results and all(set(r["scores"]["by_step"]) == {"0", "3"} for r in results)
+    for r in results:   # the per-step rows add up to the whole, and so do their accuracies
+        by_step = r["scores"]["by_step"]
+        assert sum(v["rows"] for v in by_step.values()) == r["scores"]["rows"]
+        assert sum(v["rows"] * v["token_accuracy"] for v in by_step.values()) / r["scores"]["rows"] == \
+            pytest.approx(r["scores"]["token_accuracy"])
+    assert {label.split(" · ")[-1] for label, _ in series} == {r["attack"] for r in results}

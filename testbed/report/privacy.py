@@ -117,6 +117,16 @@ def score_tables(ctx, rows, values, fams, col):
     return out
 
 
+def _per_attack(ctx, rows, key):
+    """(protocol · attack) -> [every observer's ``scores[key]`` mapping] (by_layer, by_step)."""
+    out = {}
+    for run, res in rows:
+        value = (res.get("scores") or {}).get(key)
+        if isinstance(value, dict) and value:
+            out.setdefault(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']}", []).append(value)
+    return out
+
+
 def note_rows(ctx, rows):
     """[[note, the attacks it applies to]]: each distinct note once, in order of first
     appearance; "applies to" groups the observers per (protocol, attack)."""
@@ -156,17 +166,22 @@ def attacks_section(ctx):
                            "attacked rows; token-set metrics ignore order and are not comparable to "
                            "the sequence metrics."))
         sec.add(*score_tables(ctx, rows, values, fams, col))
-        layered = {}     # (protocol, attack) -> every observer's by_layer
-        for run, res in rows:
-            by_layer = (res.get("scores") or {}).get("by_layer")
-            if isinstance(by_layer, dict):
-                layered.setdefault(f"{ctx.label(run, res.get('protocol', '?'))} · {res['attack']}", []).append(by_layer)
+        layered = _per_attack(ctx, rows, "by_layer")    # (protocol, attack) -> every observer's by_layer
         if layered:
             sec.add(Figure(privacy_plots.layer_plot(list(layered.items()), ctx.png("attacks_by_layer.png")),
                            "Per-position success by layer, one colour per attack: the mean over its "
                            "observers (shaded: their min–max). Solid: token accuracy over every position "
                            "of the attacked batches (positions the observer never received count as "
                            "wrong); dashed: accuracy over the rows it received."))
+        stepped = _per_attack(ctx, rows, "by_step")
+        if stepped:
+            sec.add(Figure(privacy_plots.layer_plot(list(stepped.items()), ctx.png("attacks_by_step.png"),
+                                                    "training step of the attacked batch",
+                                                    "Leakage over training (per position)"),
+                           "Per-position success against the training step the attacked batch was sent "
+                           "at, one colour per attack: the mean over its observers (shaded: their "
+                           "min–max); dashed, where the observer receives rows: accuracy on those rows. "
+                           "Attacks that read the starting checkpoint weaken as the models drift from it."))
         notes = note_rows(ctx, rows)
         if notes:
             sec.add(Table(["note", "applies to"], notes,

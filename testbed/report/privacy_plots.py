@@ -62,9 +62,9 @@ def exposure_plot(series, path, max_bits):
     return _save(fig, path)
 
 
-def layer_plot(series, path):
-    """Per-position attack success against layer: [(label, [{layer: {metric: value}}, ...])],
-    one dict per observer.  Per label: the mean over observers (shaded: min–max), solid for
+def layer_plot(series, path, xlabel="MoE layer", title="Leakage by layer (PC-MoE expert hosts, per position)"):
+    """Per-position attack success against layer (or training step, with ``xlabel`` and
+    ``title``): [(label, [{layer: {metric: value}}, ...])], one dict per observer.  Per label: the mean over observers (shaded: min–max), solid for
     token accuracy over every position, dashed for accuracy over the rows received; the
     legend has one entry per label and one per line style."""
     from matplotlib.lines import Line2D
@@ -76,6 +76,8 @@ def layer_plot(series, path):
         xs = [int(x) if str(x).isdigit() else i for i, x in enumerate(layers)]
         color = f"C{k % 10}"
         for metric, style in (("token_accuracy", "-"), ("routed_accuracy", "--")):
+            if not any(metric in obs[x] for obs in observers for x in obs):
+                continue
             vals = [[obs[x].get(metric, 0.0) for obs in observers if x in obs] for x in layers]
             ax.plot(xs, [sum(v) / len(v) for v in vals], marker="o" if style == "-" else ".", ls=style,
                     color=color, label=label if style == "-" else None)
@@ -84,13 +86,16 @@ def layer_plot(series, path):
                                 lw=0)
     ax.set_ylim(0, 1.02)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("MoE layer")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("per-position accuracy")
-    ax.set_title("Leakage by layer (PC-MoE expert hosts, per position)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if series:
         handles, labels = ax.get_legend_handles_labels()
-        handles += [Line2D([], [], color="0.3", ls="-", marker="o"), Line2D([], [], color="0.3", ls="--", marker=".")]
-        labels += ["token accuracy (every position)", "accuracy on received rows"]
+        handles.append(Line2D([], [], color="0.3", ls="-", marker="o"))
+        labels.append("token accuracy (every position)")
+        if any("routed_accuracy" in v for _, observers in series for obs in observers for v in obs.values()):
+            handles.append(Line2D([], [], color="0.3", ls="--", marker="."))
+            labels.append("accuracy on received rows")
         ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
