@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from testbed.errors import ConfigError
+
 from .base import Attack, Reconstruction, ThreatModel
 from .view import MessageGroup
 
@@ -43,21 +45,24 @@ class GradientBatch:
     step: int
     group: MessageGroup
     rows: int = 0          # batch rows behind the gradient when known (an aggregate's total)
+    scale: float = 1.0     # captured tensor x scale = gradient (a FedAvg delta: -1 / lr)
+    note: str = None       # why the scaled tensor is not exactly one batch's gradient
 
     def names(self):
         return self.group.received_names
 
     def get(self, param_name):
         """The gradient of ``param_name`` (exact name, else the unique captured name that
-        ends with it, so ``layers.0.self_attn.q_proj.weight`` finds ``model.layers.0...``)."""
+        ends with it, so ``layers.0.self_attn.q_proj.weight`` finds ``model.layers.0...``),
+        times :attr:`scale`."""
         names = self.group.received_names
-        if param_name in names:
-            return self.group.received(param_name)
-        hits = [n for n in names if n.endswith("." + param_name) or param_name.endswith("." + n)]
+        hits = [param_name] if param_name in names else \
+            [n for n in names if n.endswith("." + param_name) or param_name.endswith("." + n)]
         if len(hits) != 1:
             raise KeyError(f"{self.party} step {self.step}: no unique gradient for {param_name!r} "
                            f"(captured: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''})")
-        return self.group.received(hits[0])
+        t = self.group.received(hits[0])
+        return t if self.scale == 1.0 else t * self.scale
 
     def has(self, param_name):
         try:
@@ -76,7 +81,13 @@ def gradient_batches(view, kinds, steps=None, max_batches=0, aggregate=False):
     (meta ``secagg``) are no party's gradient to anyone without the pads: skipped.  With
     ``aggregate`` the batches are instead the coordinator's broadcast averages (kind
     ``update``): one gradient of every selected party's rows together, as party ``*``.
+
+    FedAvg deltas (kind ``delta``) come scaled to gradients by :func:`delta_scaling`, with
+    its note when they are not one.
     """
+    if aggregate and view.protocol != "fedsgd":
+        raise ConfigError("attacks", [f"aggregate: inverts FedSGD's broadcast mean gradient; "
+                                      f"{view.protocol} broadcasts no gradient"])
     out = []
     for group in view.groups(kind=("update",) if aggregate else tuple(kinds), by=("src", "step"),
                              with_tensors=True):
@@ -90,10 +101,39 @@ def gradient_batches(view, kinds, steps=None, max_batches=0, aggregate=False):
             party = meta.get("party") or group.key["src"]
             if not str(party).startswith("party-") or "secagg" in meta:
                 continue  # an aggregate, or a masked update: no single party's batch
-            out.append(GradientBatch(view.protocol, party, step, group))
+            batch = GradientBatch(view.protocol, party, step, group)
+            if group.messages[0].kind == "delta":
+                batch.scale, batch.note, batch.rows = delta_scaling(view, meta)
+            out.append(batch)
         if max_batches and len(out) >= max_batches:
             break
     return out
+
+
+def delta_scaling(view, meta):
+    """How a FedAvg party's weight delta becomes a gradient -> (scale, note, batch rows).
+
+    With ``local_steps: 1`` and plain SGD (no weight decay) the delta is
+    ``-lr x`` the gradient of the party's mean loss on one batch, taken at the round's
+    global weights: scale ``-1 / lr`` gives that gradient exactly (up to float rounding).
+    Otherwise the scaled delta is not one batch's gradient -- K local steps sum K
+    gradients taken at drifting weights over K batches (the rows behind it: K x
+    ``batch_size``); Adam divides each coordinate by its own running scale; weight decay
+    adds ``lr x wd x w`` to every weight -- and the note says so.  What survives then: a
+    coordinate of the delta is still zero where no local step's gradient touched it (an
+    embedding row of a token absent from all K batches), so the bag of tokens still holds
+    -- under Adam, a row an earlier round of the party touched keeps moving on its
+    moments, so the set grows to the tokens of every round the party trained so far."""
+    cfg = view.config()
+    tr = cfg["training"]
+    k = meta.get("local_steps") or (cfg["protocol"].get("options") or {}).get("local_steps", 2)
+    why = [f"local_steps={k}"] if k != 1 else []
+    if tr.get("optimizer", "adamw") != "sgd":
+        why.append(f"optimizer={tr.get('optimizer', 'adamw')}")
+    if tr.get("weight_decay", 0.0):
+        why.append(f"weight_decay={tr['weight_decay']}")
+    note = "delta is not a scaled gradient: " + " / ".join(why) if why else None
+    return -1.0 / float(tr["lr"]), note, int(k) * int(tr["batch_size"])
 
 
 class StepWeights:
@@ -103,15 +143,18 @@ class StepWeights:
     broadcast mean gradient (kind ``update``) into ``p.grad`` and takes one step of the
     public ``training.optimizer``, so an observer of the updates (the coordinator, who
     sends them, a party, or the wire) replays the same steps and holds the same weights.
-    :meth:`at` must be called with non-decreasing steps; it returns ``None`` when an
-    update before ``step`` was not observed.
+    Under FedAvg the broadcast is the mean weight delta, which every party adds to the
+    round's starting weights: replayed by addition.  :meth:`at` must be called with
+    non-decreasing steps; it returns ``None`` when an update before ``step`` was not observed.
     """
 
     def __init__(self, view, update_kind="update"):
         from parties.base import make_optimizer
         from testbed.scenario import TrainingCfg
         self.model = view.init_model()
-        self.opt = make_optimizer(self.model.parameters(), TrainingCfg(**view.config()["training"]))
+        self.add = view.protocol == "fedavg"
+        self.opt = None if self.add else make_optimizer(self.model.parameters(),
+                                                        TrainingCfg(**view.config()["training"]))
         self.updates = {}
         for m in view.messages(kind=update_kind, with_tensors=True):
             self.updates.setdefault(m.step, m)
@@ -127,12 +170,25 @@ class StepWeights:
             names = msg.received_names
             for name, p in self.model.named_parameters():
                 hit = [n for n in names if n == name or n.endswith("." + name) or name.endswith("." + n)]
-                if len(hit) == 1:
+                if len(hit) != 1:
+                    continue
+                if self.add:
+                    with torch.no_grad():
+                        p.add_(msg.received(hit[0]).to(p.dtype))
+                else:
                     p.grad = msg.received(hit[0]).to(p.dtype)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            if not self.add:
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
             self.step += 1
         return self.model
+
+
+def batch_shape(view, batch):
+    """(rows, length) of the private batch behind ``batch``: its known rows, else the
+    public ``training.batch_size``, by ``training.seq_len``."""
+    tr = view.config()["training"]
+    return batch.rows or tr["batch_size"], tr["seq_len"]
 
 
 def param_name(model, param):
@@ -173,16 +229,20 @@ class BagOfTokens(Attack):
         knowledge=frozenset({"config", "init_model"}),
         summary="aggregator that sees each party's gradient; knows the architecture "
                 "(parameter names) from the shared starting checkpoint")
-    targets = {"fedsgd": ("grad",)}
+    targets = {"fedsgd": ("grad",), "fedavg": ("delta",)}
     options = {"rel_tol": 0.0, "steps": None, "max_batches": 0}
 
     def run(self, view, rel_tol=0.0, steps=None, max_batches=0):
         model = view.init_model()
+        adam = "" if view.config()["training"].get("optimizer") == "sgd" else \
+            ", with Adam's moments every earlier round's too"
         out = []
         for b in gradient_batches(view, self.kinds(view.protocol), steps, max_batches):
             bag = token_bag(b, model, rel_tol)
-            out.append(Reconstruction(b.protocol, b.party, b.step, bag, kind="set",
-                                      meta={"tokens": len(bag)}))
+            meta = {"tokens": len(bag)}
+            if b.note:   # a delta's nonzero embedding rows are still its batches' tokens
+                meta["note"] = f"{b.note} (its nonzero embedding rows still give the token set{adam})"
+            out.append(Reconstruction(b.protocol, b.party, b.step, bag, kind="set", meta=meta))
         return out
 
 

@@ -49,6 +49,15 @@ size -- except near-echoes in runs of a repeated token (``21 21 11`` against the
 rank reaches the hidden size the span check says nothing: the batch is skipped with a
 note.
 
+FedAvg.  After one local step of plain SGD a party's weight delta is ``-lr`` x its batch
+gradient (:func:`attacks.bag_of_tokens.delta_scaling` scales it back), so the same
+inversion applies -- except that the delta is a float32 difference of weights, whose
+rounding divided by ``lr`` lifts the spectrum's noise floor to ~2e-4 at lr 3e-3 (~6e-6
+at lr 0.1): the span tolerance becomes ``DELTA_FLOOR`` x that floor when larger, which
+keeps recovery exact down to lr ~1e-3; near-echoes (~1e-2) come within reach below it.
+With several local steps or Adam the delta is not one batch's gradient: the attack runs
+anyway and its reconstructions carry the note.
+
     python -m attacks run runs/<fedsgd run> --attack dager
 """
 import copy
@@ -62,6 +71,9 @@ from .bag_of_tokens import GradientBatch, StepWeights, gradient_batches, param_n
 from .base import FEDSGD_AGGREGATOR, Attack, Reconstruction
 
 log = logging.getLogger(__name__)
+
+# span tolerance for a FedAvg delta: this many times its spectrum's noise floor
+DELTA_FLOOR = 30.0
 
 
 class _Stop(Exception):
@@ -139,8 +151,10 @@ def numerical_rank(s, rank_tol=0.0):
     return int(gaps.argmax()) + 1
 
 
-def span_basis(batch: GradientBatch, model, probe, rank_tol):
-    """Orthonormal basis [d, r] of the row space of the probe's stacked weight gradients."""
+def span_basis(batch: GradientBatch, model, probe, rank_tol, floor=False):
+    """Orthonormal basis [d, r] of the row space of the probe's stacked weight gradients;
+    with ``floor`` also the noise floor: the largest singular value cut, relative to the
+    largest kept (0 when none is cut)."""
     blocks = []
     for module in probe:
         g = batch.get(param_name(model, module.weight)).double()
@@ -150,6 +164,8 @@ def span_basis(batch: GradientBatch, model, probe, rank_tol):
         return None
     _, s, vh = torch.linalg.svd(torch.cat(blocks), full_matrices=False)
     rank = numerical_rank(s, rank_tol)
+    if floor:
+        return vh[:rank].T, float(s[rank] / s[0]) if rank < len(s) else 0.0
     return vh[:rank].T
 
 
@@ -254,8 +270,8 @@ class Dager(Attack):
 
     name = "dager"
     threat_model = FEDSGD_AGGREGATOR
-    targets = {"fedsgd": ("grad",)}
-    replays = {"fedsgd": ("update",)}  # StepWeights rebuilds the weights of each step
+    targets = {"fedsgd": ("grad",), "fedavg": ("delta",)}
+    replays = {"fedsgd": ("update",), "fedavg": ("update",)}  # StepWeights rebuilds each step's weights
     options = {"rank_tol": 0.0, "span_tol": 1e-4, "beam": 64, "length": 0,
                "steps": None, "max_batches": 0, "aggregate": False}
 
@@ -280,9 +296,11 @@ class Dager(Attack):
                                          beam, length, b.rows or cfg["batch_size"])
             if note:
                 log.info("dager %s step %s: %s", b.party, b.step, note)
-                out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": note}))
+                out.append(Reconstruction(b.protocol, b.party, b.step, [],
+                                          meta={"note": f"{b.note}; {note}" if b.note else note}))
             for ids, worst in seqs:
-                out.append(Reconstruction(b.protocol, b.party, b.step, ids, meta={"max_residual": worst}))
+                meta = {"max_residual": worst, **({"note": b.note} if b.note else {})}
+                out.append(Reconstruction(b.protocol, b.party, b.step, ids, meta=meta))
         return out
 
     @staticmethod
@@ -291,18 +309,23 @@ class Dager(Attack):
         ``model`` at the weights the gradient was taken at."""
         hidden = model.config.hidden_size
         probes = [token_probe(model), sequence_probe(model)]
-        bases = [span_basis(batch, model, probe, rank_tol) for probe in probes]
-        if any(b is None for b in bases):
+        found = [span_basis(batch, model, probe, rank_tol, floor=True) for probe in probes]
+        if any(f is None for f in found):
             return [], "zero gradient"
+        bases = [basis for basis, _ in found]
+        # A FedAvg delta is a float32 difference of weights: its rounding, divided by lr,
+        # lifts the noise floor of the spectrum far above a gradient's (~3e-4 at lr 3e-3);
+        # true inputs then sit up to a few times the floor off the span, wrong ones ~0.25+.
+        tols = [max(span_tol, DELTA_FLOOR * fl) if batch.scale != 1.0 else span_tol for _, fl in found]
         if max(b.shape[1] for b in bases) >= hidden:
             return [], (f"gradient rank reached the hidden size {hidden}: batch x length too large "
                         "for the span check")
         vocab = model.get_input_embeddings().weight.shape[0]
         x0 = probe_inputs(model, probes[0], torch.arange(vocab).unsqueeze(1))[:, 0]
-        candidates = torch.nonzero(residual(x0, bases[0]) < span_tol).flatten().tolist()
+        candidates = torch.nonzero(residual(x0, bases[0]) < tols[0]).flatten().tolist()
         if not candidates:
             return [], "no vocabulary token lies in the layer-0 span"
-        prefixes = grow_prefixes(model, probes[1], candidates, bases[1], span_tol, length - 1, beam)
+        prefixes = grow_prefixes(model, probes[1], candidates, bases[1], tols[1], length - 1, beam)
         prefixes = [(p, r) for p, r in prefixes if p]
         if not prefixes:
             return [], "no prefix survived the sequence span check"

@@ -11,6 +11,7 @@ ATTACKS = {
     "bag-of-tokens": "bag_of_tokens",
     "dager": "dager",
     "tag": "tag",
+    "lamp": "lamp",
     "embedding-nn": "embedding_nn",
     "whitebox-inversion": "whitebox_inversion",
     "learned-inverter": "learned_inverter",

@@ -45,7 +45,7 @@ import torch
 from parties.models import is_moe
 from testbed.errors import ConfigError
 
-from .bag_of_tokens import StepWeights, gradient_batches, param_name, token_bag
+from .bag_of_tokens import StepWeights, batch_shape, gradient_batches, param_name, token_bag
 from .base import FEDSGD_AGGREGATOR, Attack, Reconstruction
 
 log = logging.getLogger(__name__)
@@ -185,8 +185,8 @@ class Tag(Attack):
 
     name = "tag"
     threat_model = FEDSGD_AGGREGATOR
-    targets = {"fedsgd": ("grad",)}
-    replays = {"fedsgd": ("update",)}  # StepWeights rebuilds the weights of each step
+    targets = {"fedsgd": ("grad",), "fedavg": ("delta",)}
+    replays = {"fedsgd": ("update",), "fedavg": ("update",)}  # StepWeights rebuilds each step's weights
     options = {"iters": 200, "lr": 0.1, "alpha": 0.01, "embeddings": "mixture", "reorder": 200,
                "bag_rel_tol": 0.0, "seed": 0, "threads": 1, "steps": [0], "max_batches": 0}
 
@@ -197,8 +197,6 @@ class Tag(Attack):
         if embeddings not in ("mixture", "free"):
             raise ConfigError("attacks.tag.options",
                               [f"embeddings: expected 'mixture' or 'free' (got {embeddings!r})"])
-        cfg = view.config()["training"]
-        shape = (cfg["batch_size"], cfg["seq_len"])
         weights = StepWeights(view)
         out = []
         with torch_threads(threads):
@@ -220,13 +218,13 @@ class Tag(Attack):
                     out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": "empty bag"}))
                     continue
                 dist = GradientDistance(model, b, alpha, skip)
-                ids = optimise(model, dist, bag, shape, embeddings, iters, lr, gen)
+                ids = optimise(model, dist, bag, batch_shape(view, b), embeddings, iters, lr, gen)
                 d = None
                 if reorder:
                     ids, d = lamp_reorder(dist, ids, torch.tensor(bag), reorder, gen)
+                meta = {"distance": d, "bag": len(bag), **({"note": b.note} if b.note else {})}
                 for row in ids.tolist():
-                    out.append(Reconstruction(b.protocol, b.party, b.step, row,
-                                              meta={"distance": d, "bag": len(bag)}))
+                    out.append(Reconstruction(b.protocol, b.party, b.step, row, meta=dict(meta)))
         return out
 
 

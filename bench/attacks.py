@@ -5,9 +5,10 @@
 Without RUN_DIR, scenarios/fedsgd-tiny.yaml (2 rounds, no baselines) is run into a
 temporary directory first -- and, for the attacks on other protocols' traffic, the fixed
 capture of :data:`CAPTURES` of the protocol they target (split-tiny, privatelora-tiny,
-pcmoe-tiny, a few steps each).  Each attack runs ``--repeats`` times as its default observer
-with default options; the best wall time is divided by the number of sequences it
-reconstructed (for set-valued attacks such as bag-of-tokens: by the number of batches).
+pcmoe-tiny, a few steps each; for FedAvg, fedsgd-tiny with one local SGD step a round).
+Each attack runs ``--repeats`` times as its default observer with default options; the
+best wall time is divided by the number of sequences it reconstructed (for set-valued
+attacks such as bag-of-tokens: by the number of batches).
 Timing depends on how busy the machine is: compare numbers from one session only.
 """
 import argparse
@@ -26,16 +27,20 @@ from attacks.view import AdversaryView  # noqa: E402
 
 
 # protocol -> (scenario, steps) of the fixed capture its attacks are timed on
-CAPTURES = {"fedsgd": ("fedsgd-tiny.yaml", 2), "split": ("split-tiny.yaml", 2),
+CAPTURES = {"fedsgd": ("fedsgd-tiny.yaml", 2), "fedavg": ("fedsgd-tiny.yaml", 2), "split": ("split-tiny.yaml", 2),
             "privatelora": ("privatelora-tiny.yaml", 3), "pcmoe": ("pcmoe-tiny.yaml", 2)}
+# the FedAvg capture: fedsgd-tiny as FedAvg with one local SGD step (deltas are scaled gradients)
+OVERRIDES = {"fedavg": {"protocol": {"name": "fedavg", "options": {"local_steps": 1}},
+                        "training": {"optimizer": "sgd", "lr": 0.1}}}
 
 
 def fixed_capture(tmp, protocol="fedsgd"):
     from testbed.run.runner import run_scenario
     from testbed.scenario import load_scenario
     scenario, steps = CAPTURES[protocol]
-    sc = load_scenario(ROOT / "scenarios" / scenario, {
-        "baselines": [], "training": {"steps": steps}, "compute": {"mode": "none"}})
+    from testbed.scenario import deep_merge
+    sc = load_scenario(ROOT / "scenarios" / scenario, deep_merge(OVERRIDES.get(protocol, {}), {
+        "baselines": [], "training": {"steps": steps}, "compute": {"mode": "none"}}))
     path, _ = run_scenario(sc, runs_root=Path(tmp) / protocol / "runs", base_dir=ROOT,
                            cache_dir=Path(tmp) / "cache", progress=False)
     return path

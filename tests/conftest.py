@@ -68,6 +68,21 @@ QUICK = {"model": {"hidden_size": 32, "num_layers": 1, "intermediate_size": 48, 
                      {"name": "routing-trace", "options": {"steps": [0, 3]}}]}
 
 
+def fedsgd_tiny(root, **overrides):
+    """A run of scenarios/fedsgd-tiny.yaml into ``root``, 2 rounds and no baselines unless
+    ``overrides`` (scenario sections merged on top) say otherwise."""
+    from testbed.scenario import deep_merge, load_scenario
+    base = {"baselines": [], "training": {"steps": 2}, "compute": {"mode": "none"}, "attacks": []}
+    sc = load_scenario(ROOT / "scenarios" / "fedsgd-tiny.yaml", deep_merge(base, overrides))
+    return _run(sc, root)
+
+
+@pytest.fixture(scope="session")
+def fedsgd_tiny_run(tmp_path_factory):
+    """scenarios/fedsgd-tiny.yaml, 2 rounds, no baselines: the gradient attacks' capture."""
+    return fedsgd_tiny(tmp_path_factory.mktemp("fedsgd-tiny"))
+
+
 def _run(sc, root):
     from testbed.run.runner import run_scenario
     path, _ = run_scenario(sc, runs_root=root / "runs", base_dir=ROOT, cache_dir=root / "cache", progress=False)

@@ -21,19 +21,12 @@ from attacks.tag import GradientDistance, lamp_reorder, optimise, second_order_c
 from attacks.view import AdversaryView
 from parties.base import lm_loss
 from parties.models import build_model
-from testbed.run.runner import run_scenario
-from testbed.scenario import ModelCfg, load_scenario
-
-ROOT = Path(__file__).resolve().parents[1]
+from testbed.scenario import ModelCfg
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fedsgd")
-    sc = load_scenario(ROOT / "scenarios" / "fedsgd-tiny.yaml", {
-        "baselines": [], "training": {"steps": 2}, "compute": {"mode": "none"}})
-    path, _ = run_scenario(sc, runs_root=tmp / "runs", base_dir=ROOT, cache_dir=tmp / "cache", progress=False)
-    return path
+def run(fedsgd_tiny_run):
+    return fedsgd_tiny_run
 
 
 @pytest.fixture(scope="module")
