@@ -48,16 +48,15 @@ Options are TAG's where they mean the same; ``iters`` counts optimisation steps,
     python -m attacks run runs/<fedsgd run> --attack lamp --option lm_weight=0.2
 """
 import logging
-import zlib
 
 import torch
 
 from parties.models import is_moe
 from testbed.errors import ConfigError
 
-from .bag_of_tokens import StepWeights, batch_shape, gradient_batches, param_name, token_bag
+from .bag_of_tokens import batch_shape, param_name, token_bag
 from .base import FEDSGD_AGGREGATOR, Attack, Reconstruction
-from .tag import GradientDistance, propose, second_order_copy, soft_lm_loss, torch_threads
+from .tag import GradientDistance, attacked_batches, propose, soft_lm_loss, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -302,20 +301,10 @@ class Lamp(Attack):
         opts = {"iters": iters, "lr": lr, "emb_weight": emb_weight, "candidates": candidates,
                 "discrete_every": discrete_every, "init": init, "restarts": restarts,
                 "l2_weight": l2_weight, "lm_weight": lm_weight, "reorder": reorder, "labels": labels}
-        weights = StepWeights(view)
         out = []
         with torch_threads(threads):
-            for b in sorted(gradient_batches(view, self.kinds(view.protocol), steps, max_batches),
-                            key=lambda b: b.step):
-                model = weights.at(b.step)
-                if model is None:
-                    note = f"weights at step {b.step} unknown (an earlier update was not observed)"
-                    out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": note}))
-                    continue
-                # One stream per batch, so a batch's result does not depend on capture order.
-                gen = torch.Generator().manual_seed(
-                    seed * 1_000_003 + zlib.crc32(f"{b.party}/{b.step}".encode()))
-                model = second_order_copy(model)
+            for b, model, gen in attacked_batches(view, self.kinds(view.protocol), steps, max_batches,
+                                                  seed, out):
                 bag = token_bag(b, model, bag_rel_tol)
                 if not bag:
                     out.append(Reconstruction(b.protocol, b.party, b.step, [],

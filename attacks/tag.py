@@ -180,6 +180,23 @@ def lamp_reorder(dist, ids, bag, proposals, gen):
     return best, best_d
 
 
+def attacked_batches(view, kinds, steps, max_batches, seed, out):
+    """Yield (batch, model, generator) for each captured gradient batch of ``kinds`` at
+    ``steps``, in step order: ``model`` a second-order copy of the weights the batch was
+    computed at, ``generator`` one stream per batch (seeded from ``seed``, party and step,
+    so a batch's result does not depend on capture order).  A batch whose weights are
+    unknown gets an empty reconstruction with a note appended to ``out``."""
+    weights = StepWeights(view)
+    for b in sorted(gradient_batches(view, kinds, steps, max_batches), key=lambda b: b.step):
+        model = weights.at(b.step)
+        if model is None:
+            note = f"weights at step {b.step} unknown (an earlier update was not observed)"
+            out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": note}))
+            continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{b.party}/{b.step}".encode()))
+        yield b, second_order_copy(model), gen
+
+
 class Tag(Attack):
     """Gradient matching on continuous inputs, then projection and reordering."""
 
@@ -197,20 +214,10 @@ class Tag(Attack):
         if embeddings not in ("mixture", "free"):
             raise ConfigError("attacks.tag.options",
                               [f"embeddings: expected 'mixture' or 'free' (got {embeddings!r})"])
-        weights = StepWeights(view)
         out = []
         with torch_threads(threads):
-            for b in sorted(gradient_batches(view, self.kinds(view.protocol), steps, max_batches),
-                            key=lambda b: b.step):
-                model = weights.at(b.step)
-                if model is None:
-                    note = f"weights at step {b.step} unknown (an earlier update was not observed)"
-                    out.append(Reconstruction(b.protocol, b.party, b.step, [], meta={"note": note}))
-                    continue
-                # One stream per batch, so a batch's result does not depend on capture order.
-                gen = torch.Generator().manual_seed(
-                    seed * 1_000_003 + zlib.crc32(f"{b.party}/{b.step}".encode()))
-                model = second_order_copy(model)
+            for b, model, gen in attacked_batches(view, self.kinds(view.protocol), steps, max_batches,
+                                                  seed, out):
                 embed = param_name(model, model.get_input_embeddings().weight)
                 skip = {embed} if embeddings == "free" else set()
                 bag = token_bag(b, model, bag_rel_tol)

@@ -9,7 +9,10 @@ pcmoe-tiny, a few steps each; for FedAvg, fedsgd-tiny with one local SGD step a 
 Each attack runs ``--repeats`` times as its default observer with default options; the
 best wall time is divided by the number of sequences it reconstructed (for set-valued
 attacks such as bag-of-tokens: by the number of batches).
-Timing depends on how busy the machine is: compare numbers from one session only.
+Timing depends on how busy the machine is: compare numbers from one session only.  The
+``cpu s`` column is the process's CPU time for the same best repeat: the attacks run on one
+thread (option ``threads``, default 1), so on a busy machine it is what the wall time would
+be on a quiet one.
 """
 import argparse
 import sys
@@ -53,7 +56,8 @@ def capture_protocols(names):
 
 
 def bench(run_dir, names, repeats):
-    """-> rows (attack, observer, reconstructions, best seconds, seconds per unit, unit)."""
+    """-> rows (attack, observer, reconstructions, best seconds, its CPU seconds, seconds per
+    unit, unit)."""
     import yaml
     protocol = yaml.safe_load((Path(run_dir) / "scenario.yaml").read_text())["protocol"]["name"]
     roles = captured_roles(run_dir, protocol)
@@ -68,15 +72,16 @@ def bench(run_dir, names, repeats):
             continue
         view = AdversaryView(run_dir, observers[0], knowledge=attack.threat_model.knowledge)
         options = attack.resolve_options({})
-        best, recs = None, []
+        best, cpu, recs = None, None, []
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             recs = attack.run(view, **options)
-            dt = time.perf_counter() - t0
-            best = dt if best is None else min(best, dt)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            if best is None or dt < best:
+                best, cpu = dt, dc
         seqs = [r for r in recs if r.kind == "sequence" and r.token_ids]
         units, unit = (len(seqs), "sequence") if seqs else (len({r.batch for r in recs}), "batch")
-        rows.append((name, observers[0], len(recs), best, best / max(units, 1), unit))
+        rows.append((name, observers[0], len(recs), best, cpu, best / max(units, 1), unit))
     return rows
 
 
@@ -93,9 +98,11 @@ def main(argv=None):
         else:
             rows = [(protocol, row) for protocol in capture_protocols(names)
                     for row in bench(fixed_capture(tmp, protocol), names, args.repeats)]
-    print(f"{'attack':<20}{'capture':<13}{'observer':<13}{'recs':>6}{'seconds':>10}{'s/unit':>10}  unit")
-    for protocol, (name, who, n, sec, per, unit) in rows:
-        print(f"{name:<20}{protocol:<13}{who:<13}{n:>6}{sec:>10.2f}{per:>10.3f}  {unit}")
+    print(f"{'attack':<20}{'capture':<13}{'observer':<13}{'recs':>6}{'seconds':>10}{'cpu s':>9}{'s/unit':>10}  unit")
+    for protocol, (name, who, n, sec, cpu, per, unit) in rows:
+        print(f"{name:<20}{protocol:<13}{who:<13}{n:>6}{sec:>10.2f}{cpu:>9.2f}{per:>10.3f}  {unit}")
+    print(f"total: {sum(r[3] for _, r in rows):.1f} s wall, {sum(r[4] for _, r in rows):.1f} s CPU "
+          f"(load average {open('/proc/loadavg').read().split()[0]})" if Path("/proc/loadavg").exists() else "")
     return 0
 
 

@@ -9,6 +9,11 @@ rows received) and token-set recall, each the mean over the two hosts.
 
     python bench/pcmoe_hiding.py              # every setting (~3 min on 2 cores)
     python bench/pcmoe_hiding.py --only off shuffle_rows
+    python bench/pcmoe_hiding.py --scenario scenarios/pcmoe-4party.yaml --only off all \
+        --set training.steps=100 --attack-steps 0 99
+
+A second table gives each attack's per-position token accuracy and routed accuracy per MoE
+layer (``scores.by_layer``, mean over the hosts).
 """
 import argparse
 import json
@@ -65,12 +70,14 @@ def layout_stats(path):
     return {"in_order": rising / max(pairs, 1), "repeated": repeated, "distinct_counts": len(counts)}
 
 
-def run_setting(options, runs):
+def run_setting(options, runs, scenario, overrides=(), attack_steps=None):
     from attacks.runner import run_attacks
     from testbed.run.runner import run_scenario
+    from testbed.cli.run import _override
+    from testbed.merge import deep_merge
     from testbed.scenario import load_scenario
-    sc = load_scenario(ROOT / "scenarios" / "pcmoe-tiny.yaml",
-                       {"protocol": {"options": options}, "capture": {"tensors": True}})
+    sc = load_scenario(scenario, deep_merge({"protocol": {"options": options}, "capture": {"tensors": True},
+                                             "baselines": [], "attacks": []}, _override(overrides)))
     path, summary = run_scenario(sc, runs_root=runs, base_dir=ROOT, cache_dir=ROOT / ".cache" / "tokenizers",
                                  progress=False)
     index = [m for m in map(json.loads, open(path / "capture" / "index.jsonl")) if m["kind"] in EXPERT]
@@ -78,14 +85,27 @@ def run_setting(options, runs):
            "bytes": sum(m["bytes"] for m in index),
            "eval_labelled": sum(m["kind"].startswith("eval_") or m["meta"].get("phase") == "eval" for m in index)}
     for name, opts in ATTACKS:
+        opts = {**opts, **({"steps": list(attack_steps)} if attack_steps else {})}
         ok = [r for r in run_attacks(path, [{"name": name, "options": opts}], write=False) if r["status"] == "ok"]
         out[name] = {m: sum(r["scores"][m] for r in ok) / len(ok) for m in METRICS}
+        layers = {}
+        for r in ok:
+            for layer, sc_ in r["scores"].get("by_layer", {}).items():
+                layers.setdefault(layer, []).append(sc_)
+        out[name]["by_layer"] = {k: {m: sum(v[m] for v in vs) / len(vs) for m in ("token_accuracy", "routed_accuracy")}
+                                 for k, vs in sorted(layers.items())}
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run (default: all)")
+    p.add_argument("--scenario", type=Path, default=ROOT / "scenarios" / "pcmoe-tiny.yaml",
+                   help="a PC-MoE scenario (default scenarios/pcmoe-tiny.yaml); its baselines and attacks are dropped")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a scenario key, as in `python -m testbed run --set` (repeatable)")
+    p.add_argument("--attack-steps", type=int, nargs="+", metavar="STEP",
+                   help="the training steps the attacks read (default: each attack's default)")
     args = p.parse_args(argv)
     import torch
     torch.set_num_threads(1)
@@ -93,7 +113,7 @@ def main(argv=None):
     rows = []
     with tempfile.TemporaryDirectory() as runs:
         for name in args.only or SETTINGS:
-            rows.append((name, run_setting(SETTINGS[name], runs)))
+            rows.append((name, run_setting(SETTINGS[name], runs, args.scenario, args.sets, args.attack_steps)))
             print(f"  {name} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     head = ["setting", "held-out loss", "expert bytes", "rows in order", "repeated rows", "distinct counts",
             "eval-labelled msgs"]
@@ -103,6 +123,17 @@ def main(argv=None):
         cells = [name, f"{r['loss']:.4f}", str(r["bytes"]), f"{r['in_order']:.2f}", str(r["repeated"]),
                  str(r["distinct_counts"]), str(r["eval_labelled"])] + [f"{r[a][m]:.3f}" for a, _ in ATTACKS for m in METRICS]
         print("| " + " | ".join(cells) + " |", flush=True)
+    layers = sorted({k for _, r in rows for a, _ in ATTACKS for k in r[a]["by_layer"]})
+    if layers:
+        print("\nPer MoE layer: per-position token accuracy / routed accuracy (mean over hosts)\n")
+        head = ["setting", "attack"] + [f"layer {k}" for k in layers]
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for name, r in rows:
+            for a, _ in ATTACKS:
+                bl = r[a]["by_layer"]
+                cells = [f"{bl[k]['token_accuracy']:.3f} / {bl[k]['routed_accuracy']:.3f}" if k in bl else "-"
+                         for k in layers]
+                print("| " + " | ".join([name, a] + cells) + " |", flush=True)
     print(f"\n({time.perf_counter() - t0:.0f} s)")
 
 
